@@ -1,0 +1,183 @@
+"""The worker side of the glue: FLy's rejection sampler for vLLM's V1 runner.
+
+Imported only inside vLLM worker processes, after
+``vllm.v1.sample.rejection_sampler`` has been imported (see plugin.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.v1.sample.rejection_sampler import RejectionSampler
+
+from fly_vllm import metrics
+from fly_vllm.config import FlyConfig
+from fly_vllm.verifier import FlyVerifyOutput, fly_verify
+
+_PATCHED_ATTR = "__fly_vllm_patched__"
+GREEDY_TEMPERATURE = 0
+# On accelerators, counters are summed on the device and copied to the host
+# at most this often, so verification adds no host sync per step.
+FLUSH_INTERVAL_S = 0.5
+
+
+def install_dispatcher(mod, active) -> None:
+    """Replace ``mod.rejection_sample`` with a function that calls FLy while a
+    FlyRejectionSampler is active and vLLM's original otherwise."""
+    original = mod.rejection_sample
+    if getattr(original, _PATCHED_ATTR, False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def rejection_sample(*args, **kwargs):
+        sampler = active.get()
+        if sampler is None:
+            return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return sampler.fly_rejection_sample(mod, **bound.arguments)
+
+    setattr(rejection_sample, _PATCHED_ATTR, True)
+    mod.rejection_sample = rejection_sample
+
+
+def select_verifier(device: torch.device):
+    """Triton kernels on GPUs (CUDA and ROCm), the torch reference elsewhere."""
+    if device.type == "cuda":
+        try:
+            from fly_vllm.kernels import fly_verify_triton
+        except ImportError:  # no triton: the torch path is still correct
+            return fly_verify
+        return fly_verify_triton
+    return fly_verify
+
+
+class FlyRejectionSampler(RejectionSampler):
+    """vLLM's RejectionSampler with FLy's acceptance rule.
+
+    ``forward`` is vLLM's own (bonus sampling, logits processors, sampling
+    constraints, logprobs); only the module-level ``rejection_sample`` it calls
+    is routed to :meth:`fly_rejection_sample`.
+    """
+
+    def __init__(self, sampler, spec_config, device, fly: FlyConfig, active, warmup):
+        super().__init__(sampler, spec_config, device)
+        if getattr(self, "synthetic_mode", False):
+            raise ValueError("FLy cannot run with rejection_sample_method='synthetic'")
+        self.fly = fly
+        self._active = active
+        self._warmup = warmup
+        self._verify = select_verifier(torch.device(device) if device else
+                                       torch.device("cpu"))
+        self._pending: torch.Tensor | None = None
+        self._last_flush = time.monotonic()
+
+    def forward(self, *args, **kwargs):
+        token = self._active.set(self)
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._active.reset(token)
+
+    def request_params(self, batch: int, device: torch.device):
+        """Per-request threshold, window and span, [B] each."""
+        fly = self.fly
+        thr = float("inf") if fly.strict else fly.entropy_threshold
+        return (
+            torch.full((batch,), thr, dtype=torch.float32, device=device),
+            torch.full((batch,), fly.window, dtype=torch.int64, device=device),
+            torch.full((batch,), fly.window_span, dtype=torch.int64, device=device),
+        )
+
+    def fly_rejection_sample(
+        self,
+        mod,
+        draft_token_ids: torch.Tensor,  # [T]
+        num_draft_tokens: list[int],  # [B]
+        max_spec_len: int,
+        cu_num_draft_tokens: torch.Tensor,  # [B]
+        draft_probs: torch.Tensor | None,  # [T, V]
+        target_logits: torch.Tensor,  # [T, V], processed
+        bonus_token_ids: torch.Tensor,  # [B, 1]
+        sampling_metadata: Any,
+        synthetic_mode: bool = False,
+        use_fp64_gumbel: bool = False,
+        **unused: Any,
+    ) -> torch.Tensor:
+        """Same contract as vLLM's ``rejection_sample``: returns
+        [B, max_spec_len + 1] int32 in vLLM's output layout."""
+        if synthetic_mode:
+            raise ValueError("FLy cannot run with synthetic rejection sampling")
+        sm = sampling_metadata
+        batch = len(num_draft_tokens)
+        num_tokens = draft_token_ids.shape[0]
+        device = target_logits.device
+        is_greedy = target_probs = uniform = recovered = None
+        if not sm.all_greedy:
+            # Same calls, same order, as vLLM's rejection_sample: identical
+            # random draws, so strict mode reproduces vLLM token for token.
+            is_greedy = sm.temperature == GREEDY_TEMPERATURE
+            uniform = mod.generate_uniform_probs(
+                num_tokens, num_draft_tokens, sm.generators, device
+            )
+            target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
+            recovered = mod.sample_recovered_tokens(
+                max_spec_len, num_draft_tokens, cu_num_draft_tokens,
+                draft_token_ids, draft_probs, target_probs, sm, device,
+                use_fp64_gumbel,
+            )
+        thr, window, span = self.request_params(batch, device)
+        out = self._verify(
+            draft_token_ids,
+            cu_num_draft_tokens,
+            target_logits,
+            bonus_token_ids,
+            max_spec_len,
+            entropy_threshold=thr,
+            window=window,
+            window_span=span,
+            entropy_top_k=self.fly.entropy_top_k,
+            is_greedy=is_greedy,
+            target_probs=target_probs,
+            draft_probs=draft_probs,
+            uniform_probs=uniform,
+            recovered_token_ids=recovered,
+        )
+        if not self._warmup.get():
+            self._record(out, cu_num_draft_tokens)
+        return out.output_token_ids
+
+    def _record(self, out: FlyVerifyOutput, cu_num_draft_tokens: torch.Tensor) -> None:
+        n = torch.diff(
+            cu_num_draft_tokens.long(), prepend=cu_num_draft_tokens.new_zeros(1)
+        )
+        scalars = torch.stack([
+            (n > 0).sum(),
+            n.sum(),
+            (out.native & out.in_prefix).sum(),
+            out.loose_accepted.sum(),
+            out.uncertain.sum(),
+            out.gated.sum(),
+            out.guard_vetoed.sum(),
+        ]).long()
+        per_pos = torch.zeros(
+            metrics.MAX_POSITIONS, dtype=torch.long, device=n.device
+        ).scatter_add_(0, out.positions, out.loose_accepted.long())
+        counts = torch.cat([scalars, per_pos.long()])
+        self._pending = counts if self._pending is None else self._pending + counts
+        now = time.monotonic()
+        if counts.device.type == "cpu" or now - self._last_flush >= FLUSH_INTERVAL_S:
+            self.flush()
+            self._last_flush = now
+
+    def flush(self) -> None:
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        metrics.worker_store().add_array(pending.cpu().numpy().astype(np.int64))

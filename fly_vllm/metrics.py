@@ -1,0 +1,156 @@
+"""Loose-accept counters, shared across vLLM's processes.
+
+Verification runs in the worker (inside the engine-core process, or in the
+user's process in in-process mode); ``LLM.get_metrics()`` and the server's
+``/metrics`` read Prometheus in the front-end process. The counters cross that
+boundary through small memory-mapped files, one per worker process, in a
+folder that the first process to load the plugin creates and names in
+``FLY_VLLM_METRICS_DIR`` (spawned children inherit it). A Prometheus collector
+in the front-end sums the files at scrape time.
+
+Counters (all ``vllm:fly_*`` so ``LLM.get_metrics()`` returns them):
+    vllm:fly_drafts_total                  requests with drafts, per step
+    vllm:fly_draft_tokens_total            draft tokens verified
+    vllm:fly_native_accepted_tokens_total  accepted by exact (native) match
+    vllm:fly_loose_accepted_tokens_total   accepted loosely (rescued)
+    vllm:fly_loose_accepted_tokens_per_pos_total{position}
+    vllm:fly_uncertain_mismatches_total    mismatches that passed the gate
+    vllm:fly_gated_mismatches_total        confident mismatches (hard rejects)
+    vllm:fly_guard_vetoes_total            uncertain mismatches on a -inf logit
+Accepted counts are the verifier's: tokens a stop string later cuts off are
+still counted, as in vLLM's own per-position counters.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+ENV_DIR = "FLY_VLLM_METRICS_DIR"
+MAX_POSITIONS = 128  # vLLM's MAX_SPEC_LEN
+
+SCALARS = (
+    ("drafts", "Requests verified with at least one draft token, summed over steps."),
+    ("draft_tokens", "Draft tokens verified by FLy."),
+    ("native_accepted_tokens", "Draft tokens accepted by exact match."),
+    ("loose_accepted_tokens", "Draft tokens accepted loosely by FLy."),
+    ("uncertain_mismatches", "Mismatches that passed the entropy gate."),
+    ("gated_mismatches", "Confident mismatches rejected by the entropy gate."),
+    ("guard_vetoes", "Uncertain mismatches vetoed because the target logit is -inf."),
+)
+_INDEX = {name: i for i, (name, _) in enumerate(SCALARS)}
+PER_POS_OFFSET = len(SCALARS)
+NUM_SLOTS = PER_POS_OFFSET + MAX_POSITIONS
+
+_lock = threading.Lock()
+_store: CounterStore | None = None
+
+
+def metrics_dir() -> Path:
+    """The shared folder; created (and removed at exit) by the first process."""
+    d = os.environ.get(ENV_DIR)
+    if d and os.path.isdir(d):
+        return Path(d)
+    d = tempfile.mkdtemp(prefix="fly-vllm-metrics-")
+    os.environ[ENV_DIR] = d
+    owner = os.getpid()
+
+    def _cleanup() -> None:
+        if os.getpid() == owner:
+            shutil.rmtree(d, ignore_errors=True)
+
+    atexit.register(_cleanup)
+    return Path(d)
+
+
+class CounterStore:
+    """This process's counters: an int64 array backed by a mmap'd file."""
+
+    def __init__(self, directory: Path):
+        path = directory / f"worker-{os.getpid()}.bin"
+        self.values = np.lib.format.open_memmap(
+            path, mode="w+", dtype=np.int64, shape=(NUM_SLOTS,)
+        )
+
+    def add(self, name: str, value: int) -> None:
+        self.values[_INDEX[name]] += int(value)
+
+    def add_array(self, counts: np.ndarray) -> None:
+        """Add a full [NUM_SLOTS] vector of increments."""
+        self.values[: counts.shape[0]] += counts
+
+
+def worker_store() -> CounterStore:
+    global _store
+    with _lock:
+        if _store is None:
+            _store = CounterStore(metrics_dir())
+        return _store
+
+
+def read_totals(directory: Path | None = None) -> np.ndarray:
+    """Sum of all workers' counters, [NUM_SLOTS] int64."""
+    directory = directory or metrics_dir()
+    total = np.zeros(NUM_SLOTS, dtype=np.int64)
+    for f in sorted(directory.glob("worker-*.bin")):
+        try:
+            total += np.load(f, mmap_mode="r")[:NUM_SLOTS]
+        except (OSError, ValueError):  # a file being created right now
+            continue
+    return total
+
+
+def snapshot() -> dict[str, object]:
+    """The totals as a dict: scalar names, plus ``loose_accepted_per_pos``."""
+    t = read_totals()
+    out: dict[str, object] = {name: int(t[i]) for i, (name, _) in enumerate(SCALARS)}
+    per_pos = t[PER_POS_OFFSET:]
+    last = int(np.flatnonzero(per_pos).max()) + 1 if per_pos.any() else 0
+    out["loose_accepted_per_pos"] = [int(x) for x in per_pos[:last]]
+    return out
+
+
+class FlyCollector:
+    """Prometheus collector exposing the summed worker counters."""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        t = read_totals()
+        for i, (name, doc) in enumerate(SCALARS):
+            c = CounterMetricFamily(f"vllm:fly_{name}", doc)
+            c.add_metric([], float(t[i]))
+            yield c
+        per_pos = CounterMetricFamily(
+            "vllm:fly_loose_accepted_tokens_per_pos",
+            "Draft tokens accepted loosely, by draft position.",
+            labels=["position"],
+        )
+        per = t[PER_POS_OFFSET:]
+        last = int(np.flatnonzero(per).max()) + 1 if per.any() else 0
+        for p in range(last):
+            per_pos.add_metric([str(p)], float(per[p]))
+        yield per_pos
+
+
+_collector_registered = False
+
+
+def register_collector() -> None:
+    """Register the collector on prometheus_client's default registry, once."""
+    global _collector_registered
+    with _lock:
+        if _collector_registered:
+            return
+        try:
+            from prometheus_client import REGISTRY
+        except ImportError:
+            return
+        REGISTRY.register(FlyCollector())
+        _collector_registered = True

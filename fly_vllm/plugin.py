@@ -1,0 +1,329 @@
+"""The vLLM glue: every patch fly-vllm makes, in one place.
+
+``register()`` is the ``vllm.general_plugins`` entry point. vLLM calls it in
+every process (front-end, engine core, workers), possibly several times; it is
+idempotent. vLLM has no extension point for a verifier, so we patch, and each
+patch checks that the vLLM symbol it wraps exists (supported: 0.32.x, 0.33.x):
+
+1. ``EngineArgs.add_cli_args``: ``--speculative-config`` also takes a path to
+   a JSON file, and a bad FLy config fails argument parsing with one clear
+   message.
+2. ``EngineArgs.create_speculative_config``: ``"method": "fly"`` is replaced
+   by the drafter's method, and the ``"fly"`` block is moved into
+   ``additional_config["fly"]``, which reaches every process.
+3. ``VllmConfig.use_v2_model_runner``: FLy runs on model runner V1 (the one
+   vLLM uses for draft_model and ngram on 0.32; 0.33 would otherwise pick V2).
+4. ``GPUModelRunner.__init__`` (and so ``CPUModelRunner``): its
+   ``rejection_sampler`` becomes a :class:`FlyRejectionSampler`.
+5. ``vllm.v1.sample.rejection_sampler.rejection_sample``: a dispatcher that
+   routes the call to FLy while a :class:`FlyRejectionSampler` is verifying,
+   and to vLLM's function otherwise. vLLM's own ``RejectionSampler.forward``
+   (bonus token, penalties, bad words, grammar masks, logprobs) stays in use.
+
+Modules 4 and 5 live in heavy vLLM modules; they are patched when vLLM first
+imports them (or at once if already imported), so the front-end process does
+not import the model runner just to load the plugin.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib.abc
+import importlib.util
+import inspect
+import logging
+import sys
+from typing import Any
+
+from fly_vllm.config import (
+    ADDITIONAL_CONFIG_KEY,
+    FlyConfig,
+    FlyConfigError,
+    check_speculative_config,
+    is_fly,
+    load_speculative_config,
+    parse_fly_config,
+)
+
+logger = logging.getLogger("fly_vllm")
+
+SUPPORTED_VLLM = ((0, 32), (0, 33))
+SUPPORTED_RANGE = ">=0.32,<0.34 (0.32.x and 0.33.x)"
+
+_registered = False
+_PATCHED_ATTR = "__fly_vllm_patched__"
+
+
+class FlyVersionError(RuntimeError):
+    """vLLM is a version fly-vllm does not support."""
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def check_vllm_version(version: str | None = None) -> None:
+    """Raise FlyVersionError unless vLLM is 0.32.x or 0.33.x."""
+    from packaging.version import InvalidVersion, Version
+
+    version = version or vllm_version()
+    try:
+        release = Version(version).release[:2]
+    except InvalidVersion:
+        release = ()
+    if release not in SUPPORTED_VLLM:
+        raise FlyVersionError(
+            f"fly-vllm supports vLLM {SUPPORTED_RANGE}; found vLLM {version}. "
+            "Install a supported vLLM, e.g. pip install 'fly-vllm[gpu]'."
+        )
+
+
+def _inner(obj: Any) -> Any:
+    """The function behind a property or staticmethod (where markers live)."""
+    return getattr(obj, "fget", None) or getattr(obj, "__func__", None) or obj
+
+
+def _wrap(owner: Any, name: str, make) -> None:
+    """Replace ``owner.name`` with ``make(original)`` once; fail clearly if the
+    attribute is missing (an unsupported vLLM). ``original`` is the raw class
+    attribute (a function, property or staticmethod)."""
+    original = inspect.getattr_static(owner, name, None)
+    if original is None:
+        raise FlyVersionError(
+            f"fly-vllm expected {getattr(owner, '__name__', owner)}.{name} in vLLM "
+            f"{SUPPORTED_RANGE}; it is missing in vLLM {vllm_version()}"
+        )
+    if getattr(_inner(original), _PATCHED_ATTR, False):
+        return
+    new = make(original)
+    setattr(_inner(new), _PATCHED_ATTR, True)
+    setattr(owner, name, new)
+
+
+# --------------------------------------------------------------------------
+# 1 + 2: config.
+
+
+def _translate(spec: dict[str, Any], additional_config: dict[str, Any]) -> dict:
+    vllm_spec, fly = parse_fly_config(spec)
+    additional_config[ADDITIONAL_CONFIG_KEY] = fly.to_dict()
+    return vllm_spec
+
+
+def _patch_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    def make_create(original):
+        @functools.wraps(original)
+        def create_speculative_config(self, *args, **kwargs):
+            spec = self.speculative_config
+            if isinstance(spec, str):
+                spec = self.speculative_config = load_speculative_config(spec)
+            if is_fly(spec):
+                if self.additional_config is None:
+                    self.additional_config = {}
+                self.speculative_config = _translate(spec, self.additional_config)
+            return original(self, *args, **kwargs)
+
+        return create_speculative_config
+
+    _wrap(EngineArgs, "create_speculative_config", make_create)
+
+    def make_add_cli_args(original: staticmethod):
+        fn = original.__func__
+
+        @functools.wraps(fn)
+        def add_cli_args(parser, *args, **kwargs):
+            parser = fn(parser, *args, **kwargs)
+            for action in parser._actions:
+                if "--speculative-config" in action.option_strings:
+                    action.type = _speculative_config_arg
+                    action.help = (action.help or "") + (
+                        " fly-vllm: also a path to a JSON file; "
+                        '"method": "fly" enables FLy loose verification.'
+                    )
+            return parser
+
+        return staticmethod(add_cli_args)
+
+    _wrap(EngineArgs, "add_cli_args", make_add_cli_args)
+
+
+def _speculative_config_arg(value: str) -> dict[str, Any]:
+    """argparse type for --speculative-config: JSON, or a path to a JSON file."""
+    import argparse
+
+    try:
+        return check_speculative_config(value)
+    except FlyConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# --------------------------------------------------------------------------
+# 3: model runner V1.
+
+
+def fly_config_of(vllm_config: Any) -> FlyConfig | None:
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    d = extra.get(ADDITIONAL_CONFIG_KEY)
+    return FlyConfig.from_dict(d) if d else None
+
+
+def _patch_vllm_config() -> None:
+    from vllm.config import VllmConfig
+
+    def make(original: property):
+        def use_v2_model_runner(self) -> bool:
+            if fly_config_of(self) is None:
+                return original.fget(self)
+            import vllm.envs as envs
+
+            if envs.VLLM_USE_V2_MODEL_RUNNER:
+                raise FlyConfigError(
+                    "fly-vllm verifies on vLLM's model runner V1; unset "
+                    "VLLM_USE_V2_MODEL_RUNNER (or set it to 0) to use method 'fly'"
+                )
+            return False
+
+        return property(use_v2_model_runner)
+
+    _wrap(VllmConfig, "use_v2_model_runner", make)
+
+
+# --------------------------------------------------------------------------
+# 4 + 5: the verifier inside the model runner.
+
+_ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "fly_active_sampler", default=None
+)
+_WARMUP: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fly_warmup", default=False
+)
+
+
+def _patch_rejection_sampler_module(mod) -> None:
+    from fly_vllm import glue
+
+    glue.install_dispatcher(mod, _ACTIVE)
+
+
+def _patch_model_runner_module(mod) -> None:
+    runner_cls = mod.GPUModelRunner
+
+    def make_init(original):
+        @functools.wraps(original)
+        def __init__(self, vllm_config, *args, **kwargs):
+            original(self, vllm_config, *args, **kwargs)
+            fly = fly_config_of(vllm_config)
+            if fly is not None and hasattr(self, "rejection_sampler"):
+                from fly_vllm.glue import FlyRejectionSampler
+
+                self.rejection_sampler = FlyRejectionSampler(
+                    self.sampler, self.speculative_config, self.device, fly, _ACTIVE,
+                    _WARMUP,
+                )
+                logger.info("fly-vllm: FLy verification active: %s", fly)
+
+        return __init__
+
+    _wrap(runner_cls, "__init__", make_init)
+
+    def make_dummy(original):
+        @functools.wraps(original)
+        def _dummy_sampler_run(self, *args, **kwargs):
+            token = _WARMUP.set(True)
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                _WARMUP.reset(token)
+
+        return _dummy_sampler_run
+
+    _wrap(runner_cls, "_dummy_sampler_run", make_dummy)
+
+
+_LAZY_PATCHES = {
+    "vllm.v1.sample.rejection_sampler": _patch_rejection_sampler_module,
+    "vllm.v1.worker.gpu_model_runner": _patch_model_runner_module,
+}
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Applies a patch to a vLLM module right after vLLM imports it."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _LAZY_PATCHES:
+            return None
+        for finder in sys.meta_path:
+            if finder is self:
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        exec_module = loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            _LAZY_PATCHES[fullname](module)
+
+        loader.exec_module = exec_and_patch
+        return spec
+
+
+def _install_lazy_patches() -> None:
+    pending = False
+    for name, patch in _LAZY_PATCHES.items():
+        if name in sys.modules:
+            patch(sys.modules[name])
+        else:
+            pending = True
+    if pending and not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())
+
+
+# --------------------------------------------------------------------------
+
+
+def _install_version_guard(error: FlyVersionError) -> None:
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except Exception:
+        return
+    original = EngineArgs.create_speculative_config
+
+    @functools.wraps(original)
+    def create_speculative_config(self, *args, **kwargs):
+        spec = self.speculative_config
+        if isinstance(spec, dict) and is_fly(spec):
+            raise error
+        return original(self, *args, **kwargs)
+
+    EngineArgs.create_speculative_config = create_speculative_config
+
+
+def register() -> None:
+    """vllm.general_plugins entry point. Idempotent; safe in every process."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    try:
+        check_vllm_version()
+    except FlyVersionError as e:
+        # Leave vLLM usable for everything else; refuse only FLy configs.
+        logger.warning("fly-vllm is inactive: %s", e)
+        _install_version_guard(e)
+        return
+    from fly_vllm import metrics
+
+    metrics.metrics_dir()  # create it here so spawned children inherit it
+    metrics.register_collector()
+    _patch_engine_args()
+    _patch_vllm_config()
+    _install_lazy_patches()

@@ -1,0 +1,223 @@
+"""FLy verification as a pure function of tensors (the torch path).
+
+Notation, as in vLLM's rejection sampler:
+    B  requests in the batch,
+    T  draft tokens in the batch (sum of per-request drafts n_b <= S),
+    S  ``max_spec_len``,
+    V  vocabulary size.
+
+For each request, drafts d_0 .. d_{n-1} are checked against the target's
+processed distributions p_0 .. p_{n-1} (the rows vLLM's rejection sampler
+verifies with):
+
+1. **Native match.** Greedy rows: ``d_i == argmax p_i``. Random rows: vLLM's
+   standard test ``q_i(d_i) > 0 and p_i(d_i) / q_i(d_i) >= u_i`` (q one-hot
+   when the drafter gives no distribution).
+2. **Entropy gate.** A mismatch is *uncertain* when the top-k entropy of p_i,
+   ``-sum_{top-k} p log p`` in nats over the full-vocabulary probabilities
+   (not renormalised), is at least the threshold. A confident mismatch is a
+   real error.
+3. **Deferred window.** An uncertain mismatch at i is rescued iff the ``span``
+   positions after it all match natively (span = W by vLLM's convention,
+   W - 1 by the paper's) and ``i + W < n``: the window is resolved inside
+   the step. Several rescues per step are allowed; windows are checked
+   against native matches only.
+4. **Guard.** Never rescue a draft whose target logit is -inf (grammar, bad
+   words, allowed tokens, min-tokens masks), nor a placeholder draft (< 0).
+5. **Output.** The longest prefix of accepted drafts (rescued drafts keep the
+   draft token), then the correction (greedy: argmax; random: the recovered
+   token vLLM sampled) or, if all drafts were accepted, the bonus token; the
+   rest of the row is ``PLACEHOLDER`` (-1). This is vLLM's layout exactly.
+
+The entropy is computed on the same processed logits that verification uses
+(for all-greedy batches vLLM leaves them raw; for sampled rows they carry
+temperature, top-k and top-p). This is vLLM 0.33's V1 choice too, so one
+threshold means the same in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PLACEHOLDER_TOKEN_ID = -1
+
+
+@dataclass
+class FlyVerifyOutput:
+    """Result of one verification step.
+
+    Attributes:
+        output_token_ids: [B, S + 1] int32, vLLM's layout.
+        num_accepted: [B] int64, accepted drafts per request (native + loose).
+        native: [T] bool, native match per draft token.
+        uncertain: [T] bool, mismatch that passed the entropy gate and guards.
+        rescued: [T] bool, uncertain mismatch whose window matched.
+        in_prefix: [T] bool, inside the accepted prefix (emitted as drafts).
+        loose_accepted: [T] bool, rescued and inside the accepted prefix.
+        gated: [T] bool, mismatch rejected by the entropy gate (confident).
+        guard_vetoed: [T] bool, uncertain mismatch vetoed by the -inf guard.
+        positions: [T] int64, position of each draft token in its request.
+        entropy: [T] float32, top-k entropy in nats.
+    """
+
+    output_token_ids: torch.Tensor
+    num_accepted: torch.Tensor
+    native: torch.Tensor
+    uncertain: torch.Tensor
+    rescued: torch.Tensor
+    in_prefix: torch.Tensor
+    loose_accepted: torch.Tensor
+    gated: torch.Tensor
+    guard_vetoed: torch.Tensor
+    positions: torch.Tensor
+    entropy: torch.Tensor
+
+
+def topk_entropy(
+    logits: torch.Tensor,  # [N, V]
+    k: int,
+    lse: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:
+    """Top-k entropy in nats of softmax(logits), without renormalising.
+
+    Returns [N] float32. Rows that are all -inf get entropy 0 (certain), so
+    they can never open the gate.
+    """
+    logits = logits.float()
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
+    top = torch.topk(logits, k=min(k, logits.shape[-1]), dim=-1).values
+    logp = top - lse.unsqueeze(-1)
+    p = logp.exp()
+    terms = torch.where(p > 0, p * logp, torch.zeros_like(p))
+    return torch.nan_to_num(-terms.sum(dim=-1), nan=0.0)
+
+
+def token_layout(
+    cu_num_draft_tokens: torch.Tensor,  # [B] inclusive cumsum
+    num_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Request index [T], position in request [T] and drafts per request [B],
+    computed on the device without a host sync."""
+    cu = cu_num_draft_tokens.long()
+    starts = torch.cat([cu.new_zeros(1), cu[:-1]])
+    token_idx = torch.arange(num_tokens, device=cu.device)
+    req = torch.searchsorted(cu, token_idx, right=True)
+    pos = token_idx - starts[req]
+    return req, pos, cu - starts
+
+
+def fly_verify(
+    draft_token_ids: torch.Tensor,  # [T] int
+    cu_num_draft_tokens: torch.Tensor,  # [B] int, inclusive cumsum
+    target_logits: torch.Tensor,  # [T, V] float32, processed
+    bonus_token_ids: torch.Tensor,  # [B, 1] or [B]
+    max_spec_len: int,
+    *,
+    entropy_threshold: torch.Tensor,  # [B] float32; +inf = strict
+    window: torch.Tensor,  # [B] int64, W per request
+    window_span: torch.Tensor,  # [B] int64, positions checked after i
+    entropy_top_k: int = 3,
+    is_greedy: torch.Tensor | None = None,  # [B] bool; None = all greedy
+    target_probs: torch.Tensor | None = None,  # [T, V] softmax(target_logits)
+    draft_probs: torch.Tensor | None = None,  # [T, V] or None (one-hot q)
+    uniform_probs: torch.Tensor | None = None,  # [T] float64
+    recovered_token_ids: torch.Tensor | None = None,  # [T]
+) -> FlyVerifyOutput:
+    """FLy verification for a batch with ragged drafts. See the module doc.
+
+    ``target_probs``, ``uniform_probs`` and ``recovered_token_ids`` are needed
+    only when some row samples (``is_greedy`` not all true); they are the
+    values vLLM's own rejection sampler would use, so strict mode reproduces
+    vLLM token for token.
+    """
+    device = target_logits.device
+    num_tokens, vocab = target_logits.shape
+    batch = cu_num_draft_tokens.shape[0]
+    S = max_spec_len
+    req, pos, n = token_layout(cu_num_draft_tokens, num_tokens)
+    draft = draft_token_ids.long()
+    valid = (draft >= 0) & (draft < vocab)
+    safe_draft = draft.clamp(0, vocab - 1).unsqueeze(-1)
+
+    logits = target_logits.float()
+    argmax = logits.argmax(dim=-1)
+    draft_logit = logits.gather(-1, safe_draft).squeeze(-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    entropy = topk_entropy(logits, entropy_top_k, lse)
+
+    native = valid & (draft == argmax)
+    if is_greedy is not None:
+        assert target_probs is not None and uniform_probs is not None
+        assert recovered_token_ids is not None
+        p = target_probs.gather(-1, safe_draft).squeeze(-1)
+        if draft_probs is None:
+            q = torch.ones_like(p)
+        else:
+            q = draft_probs.gather(-1, safe_draft).squeeze(-1)
+        random_ok = valid & (q > 0) & ((p / q).double() >= uniform_probs)
+        token_greedy = is_greedy[req]
+        native = torch.where(token_greedy, native, random_ok)
+        finite = valid & (p > 0) & (q > 0)
+        correction = torch.where(token_greedy, argmax, recovered_token_ids.long())
+    else:
+        finite = valid & (draft_logit > float("-inf"))
+        correction = argmax
+
+    mismatch = ~native
+    thr = entropy_threshold[req]
+    w = window[req]
+    open_gate = mismatch & (entropy >= thr)
+    gated = mismatch & (entropy < thr) & torch.isfinite(thr)
+    fits = (pos + w) < n[req]
+    uncertain = open_gate & finite & fits
+    guard_vetoed = open_gate & valid & fits & ~finite
+
+    # Window: count native mismatches in (i, i + span] per request.
+    flat = req * S + pos
+    mis_grid = torch.zeros(batch, S + 1, dtype=torch.int32, device=device)
+    mis_grid.view(-1)[req * (S + 1) + pos + 1] = mismatch.int()
+    cum = mis_grid.cumsum(dim=1)  # cum[:, j] = mismatches at positions < j
+    end = (pos + window_span[req] + 1).clamp(max=S)
+    in_window = cum[req, end] - cum[req, pos + 1]
+    rescued = uncertain & (in_window == 0)
+
+    accepted = native | rescued
+    acc_grid = torch.zeros(batch, S, dtype=torch.bool, device=device)
+    acc_grid.view(-1)[flat] = accepted
+    num_accepted = acc_grid.long().cumprod(dim=1).sum(dim=1)  # [B]
+
+    # Scatter into vLLM's layout without host syncs; slot B * (S + 1) is a
+    # scratch slot for requests that get no bonus token.
+    row_len = S + 1
+    out = torch.full(
+        (batch * row_len + 1,), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device
+    )
+    in_prefix = pos < num_accepted[req]
+    is_correction = pos == num_accepted[req]
+    token_val = torch.where(
+        in_prefix,
+        draft,
+        torch.where(is_correction, correction, PLACEHOLDER_TOKEN_ID),
+    )
+    out[req * row_len + pos] = token_val.int()
+    rows = torch.arange(batch, device=device)
+    bonus_idx = torch.where(num_accepted == n, rows * row_len + n, batch * row_len)
+    out[bonus_idx] = bonus_token_ids.reshape(batch).int()
+    out = out[:-1].view(batch, row_len)
+
+    return FlyVerifyOutput(
+        output_token_ids=out,
+        num_accepted=num_accepted,
+        native=native,
+        uncertain=uncertain,
+        rescued=rescued,
+        in_prefix=in_prefix,
+        loose_accepted=rescued & in_prefix,
+        gated=gated,
+        guard_vetoed=guard_vetoed,
+        positions=pos,
+        entropy=entropy,
+    )

@@ -1,0 +1,1 @@
+"""Triton kernels for FLy verification (installed as ``fly_vllm.kernels``)."""
