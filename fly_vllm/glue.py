@@ -126,6 +126,10 @@ class FlyRejectionSampler(RejectionSampler):
             uniform = mod.generate_uniform_probs(
                 num_tokens, num_draft_tokens, sm.generators, device
             )
+            if device.type == "cpu":
+                # vLLM's CPU kernel compares p / q against float32(u); its
+                # Triton kernel against the float64 u. Match each exactly.
+                uniform = uniform.float()
             target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
             recovered = mod.sample_recovered_tokens(
                 max_spec_len, num_draft_tokens, cu_num_draft_tokens,

@@ -290,6 +290,19 @@ def _install_lazy_patches() -> None:
 # --------------------------------------------------------------------------
 
 
+def _trace_load() -> None:
+    """With FLY_VLLM_TRACE_FILE set, record each process that loads the plugin
+    (the tests check it loads in the front-end and the engine core)."""
+    import os
+
+    path = os.environ.get("FLY_VLLM_TRACE_FILE")
+    if path:
+        import multiprocessing
+
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{os.getpid()} {multiprocessing.current_process().name}\n")
+
+
 def _install_version_guard(error: FlyVersionError) -> None:
     try:
         from vllm.engine.arg_utils import EngineArgs
@@ -313,6 +326,7 @@ def register() -> None:
     if _registered:
         return
     _registered = True
+    _trace_load()
     try:
         check_vllm_version()
     except FlyVersionError as e:

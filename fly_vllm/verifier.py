@@ -160,7 +160,9 @@ def fly_verify(
         random_ok = valid & (q > 0) & ((p / q).double() >= uniform_probs)
         token_greedy = is_greedy[req]
         native = torch.where(token_greedy, native, random_ok)
-        finite = valid & (p > 0) & (q > 0)
+        finite = valid & torch.where(
+            token_greedy, draft_logit > float("-inf"), (p > 0) & (q > 0)
+        )
         correction = torch.where(token_greedy, argmax, recovered_token_ids.long())
     else:
         finite = valid & (draft_logit > float("-inf"))

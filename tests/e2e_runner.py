@@ -1,0 +1,63 @@
+"""Runs one offline vLLM job in a fresh process and prints its result as JSON.
+
+Usage: python -m tests.e2e_runner JOB.json OUT.json
+
+A job: {"model", "speculative_config" (or null), "prompts", "sampling":
+{SamplingParams kwargs}, "json_schema" (optional)}. The result: token ids per
+prompt, texts, and every vllm:* counter from LLM.get_metrics().
+Each job gets its own process, as vLLM engines are not meant to be built
+many times in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main() -> None:
+    job = json.load(open(sys.argv[1]))
+    from vllm import LLM, SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    llm = LLM(
+        model=job["model"],
+        speculative_config=job.get("speculative_config"),
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=512,
+        disable_log_stats=False,
+        seed=0,
+        max_num_seqs=job.get("max_num_seqs", 8),
+        # A random model would otherwise ramble in JSON whitespace.
+        structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+    )
+    params = []
+    for i, _ in enumerate(job["prompts"]):
+        kw = dict(job["sampling"])
+        if kw.get("temperature", 0) > 0:
+            kw["seed"] = 1000 + i
+        if job.get("json_schema"):
+            kw["structured_outputs"] = StructuredOutputsParams(json=job["json_schema"])
+        params.append(SamplingParams(**kw))
+    outs = llm.generate(job["prompts"], params, use_tqdm=False)
+    metrics = {}
+    for m in llm.get_metrics():
+        if not m.name.startswith("vllm:"):
+            continue
+        key = m.name + "".join(f"[{k}={v}]" for k, v in sorted(m.labels.items())
+                               if k == "position")
+        if hasattr(m, "values"):
+            metrics[key] = list(m.values)
+        elif hasattr(m, "value"):
+            metrics[key] = m.value
+    result = {
+        "token_ids": [list(o.outputs[0].token_ids) for o in outs],
+        "texts": [o.outputs[0].text for o in outs],
+        "metrics": metrics,
+    }
+    json.dump(result, open(sys.argv[2], "w"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""fly.json parsing and validation: every bad config gets one clear error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fly_vllm.config import (
+    FlyConfig,
+    FlyConfigError,
+    load_speculative_config,
+    parse_fly_config,
+)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+BASE = {"method": "fly", "model": "draft", "num_speculative_tokens": 8}
+
+
+def test_defaults_and_translation():
+    vllm_spec, fly = parse_fly_config(dict(BASE))
+    assert fly == FlyConfig(entropy_threshold=0.3, window=6, entropy_top_k=3,
+                            strict=False, window_convention="vllm", drafter=None)
+    # method "fly" is removed: vLLM infers the drafter from "model".
+    assert vllm_spec == {"model": "draft", "num_speculative_tokens": 8}
+
+
+def test_window_defaults_to_k_minus_one_for_small_k():
+    _, fly = parse_fly_config({**BASE, "num_speculative_tokens": 4})
+    assert fly.window == 3
+
+
+def test_ngram_drafter_is_inferred_and_other_keys_pass_through():
+    spec = {"method": "fly", "prompt_lookup_min": 2, "prompt_lookup_max": 4,
+            "num_speculative_tokens": 8, "fly": {"entropy_threshold": 0.5}}
+    vllm_spec, fly = parse_fly_config(spec)
+    assert vllm_spec == {"method": "ngram", "prompt_lookup_min": 2,
+                         "prompt_lookup_max": 4, "num_speculative_tokens": 8}
+    assert fly.entropy_threshold == 0.5 and fly.drafter == "ngram"
+
+
+def test_paper_convention_checks_w_minus_one():
+    _, fly = parse_fly_config({**BASE, "fly": {"window_convention": "paper"}})
+    assert fly.window_span == 5
+    _, fly = parse_fly_config(dict(BASE))
+    assert fly.window_span == 6
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ({**BASE, "fly": {"entropy_treshold": 0.3}}, ["fly.entropy_treshold", "entropy_threshold"]),
+        ({**BASE, "bogus": 1}, ["'bogus'", "num_speculative_tokens"]),
+        ({**BASE, "fly": {"window": 8}}, ["fly.window", "1..7", "K=8"]),
+        ({**BASE, "fly": {"window": 0}}, ["fly.window", ">= 1"]),
+        ({**BASE, "fly": {"entropy_threshold": -0.1}}, ["fly.entropy_threshold", ">= 0"]),
+        ({**BASE, "fly": {"entropy_threshold": "high"}}, ["fly.entropy_threshold"]),
+        ({**BASE, "fly": {"entropy_top_k": 9}}, ["fly.entropy_top_k", "between 1 and 8"]),
+        ({**BASE, "fly": {"strict": "yes"}}, ["fly.strict", "true or false"]),
+        ({**BASE, "fly": {"window_convention": "x"}}, ["fly.window_convention", "paper"]),
+        ({"method": "fly", "num_speculative_tokens": 8}, ["needs a drafter", "model", "prompt_lookup"]),
+        ({"method": "fly", "model": "d"}, ["num_speculative_tokens"]),
+        ({**BASE, "num_speculative_tokens": 1}, ["num_speculative_tokens", ">= 2"]),
+        ({**BASE, "rejection_sample_method": "synthetic"}, ["rejection_sample_method"]),
+    ],
+)
+def test_bad_configs_name_the_key(spec, words):
+    with pytest.raises(FlyConfigError) as e:
+        parse_fly_config(spec)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_file_path_inline_json_and_comments(tmp_path):
+    f = tmp_path / "fly.json"
+    f.write_text('// a comment\n{"method": "fly",\n # another\n "model": "m", "num_speculative_tokens": 4}\n')
+    assert load_speculative_config(str(f))["model"] == "m"
+    assert load_speculative_config('{"model": "m"}') == {"model": "m"}
+    with pytest.raises(FlyConfigError, match="does not exist"):
+        load_speculative_config(str(tmp_path / "missing.json"))
+    f.write_text('{"method": "fly",\n "model": }')
+    with pytest.raises(FlyConfigError, match="not valid JSON.*line 2 column"):
+        load_speculative_config(str(f))
+    f.write_text("[1, 2]")
+    with pytest.raises(FlyConfigError, match="JSON object"):
+        load_speculative_config(str(f))
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    spec = load_speculative_config(str(path))
+    parse_fly_config(spec)
+
+
+def test_check_config_cli(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(BASE))
+    r = subprocess.run([sys.executable, "-m", "fly_vllm.cli", "check-config", str(good)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and '"entropy_threshold": 0.3' in r.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**BASE, "fly": {"window": 9}}))
+    r = subprocess.run([sys.executable, "-m", "fly_vllm.cli", "check-config", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "fly.window must be smaller" in r.stderr
+    assert "Traceback" not in r.stderr
