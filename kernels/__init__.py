@@ -1,1 +1,9 @@
-"""Triton kernels for FLy verification (installed as ``fly_vllm.kernels``)."""
+"""Triton kernels for FLy verification, installed as ``fly_vllm.kernels``.
+
+On CPU they run only under ``TRITON_INTERPRET=1`` (set it before importing
+this package); vLLM on CPU uses the torch path instead.
+"""
+
+from fly_vllm.kernels.fly_verify import fly_verify_triton, row_stats
+
+__all__ = ["fly_verify_triton", "row_stats"]

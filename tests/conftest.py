@@ -31,6 +31,7 @@ def vllm_env(**extra: str) -> dict[str, str]:
         PYTHONPATH=str(ROOT),
     )
     env.pop("FLY_VLLM_METRICS_DIR", None)
+    env.pop("TRITON_INTERPRET", None)  # set by test_kernels for its own kernels
     env.update(extra)
     return env
 

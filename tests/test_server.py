@@ -108,8 +108,9 @@ def test_openai_endpoints_and_metrics(server):
 
     # The plugin loaded in the API server and in the engine-core process,
     # where the worker verifies (the loose accepts above happened there).
-    pids = {line.split()[0] for line in server["trace"].read_text().splitlines()}
-    assert len(pids) >= 2
+    lines = [line.split() for line in server["trace"].read_text().splitlines()]
+    assert len({pid for pid, _ in lines}) >= 2
+    assert any("EngineCore" in name for _, name in lines)
 
 
 def test_stop_by_pid(server):

@@ -1,0 +1,253 @@
+"""FLy verification in two Triton kernels (the GPU path; CUDA and ROCm).
+
+1. ``_row_stats_kernel``, one program per draft token (row of the logits):
+   a single pass over the V logits that keeps, together, the running max and
+   sum of exponentials (log-sum-exp), the argmax (first index of the max, as
+   ``torch.argmax``), and the top-k logits (k <= 8) for the entropy gate. It
+   also reads the draft token's logit for the -inf guard.
+2. ``_accept_kernel``, one program per request: native match, entropy gate,
+   deferred window, guard, and vLLM's output row, for ragged drafts
+   (``cu_num_draft_tokens``).
+
+Decisions equal the torch reference (``fly_vllm.verifier.fly_verify``) bit for
+bit; the entropy is the same quantity summed in another order (float
+tolerance). Nothing here is CUDA-specific; block sizes are constexpr and the
+warp counts suit AMD's 64-wide wavefronts as well as NVIDIA's 32-wide warps.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fly_vllm.verifier import PLACEHOLDER_TOKEN_ID, FlyVerifyOutput, token_layout
+
+NATIVE, UNCERTAIN, RESCUED, IN_PREFIX, GATED, VETOED = (1, 2, 4, 8, 16, 32)
+
+
+@triton.jit
+def _row_stats_kernel(
+    logits_ptr,  # [T, V] fp32/bf16/fp16
+    stride_row,
+    draft_ptr,  # [T] int
+    lse_ptr,  # [T] fp32 out
+    argmax_ptr,  # [T] int64 out
+    entropy_ptr,  # [T] fp32 out
+    draft_logit_ptr,  # [T] fp32 out
+    V,
+    TOP_K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    offs = tl.arange(0, BLOCK_V)
+    kk = tl.arange(0, K_PAD)
+    neg_inf = float("-inf")
+    # Slots >= TOP_K hold +inf so they are never the minimum to replace.
+    topk = tl.where(kk < TOP_K, neg_inf, float("inf")).to(tl.float32)
+    run_max = tl.full([], neg_inf, tl.float32)
+    run_sum = tl.full([], 0.0, tl.float32)
+    best = tl.full([], neg_inf, tl.float32)
+    best_idx = tl.full([], 0, tl.int64)
+    for start in range(0, V, BLOCK_V):
+        idx = start + offs
+        x = tl.load(base + idx, mask=idx < V, other=neg_inf).to(tl.float32)
+        blk_max = tl.max(x, axis=0)
+        # Online log-sum-exp (guarding the all -inf prefix).
+        new_max = tl.maximum(run_max, blk_max)
+        safe_max = tl.where(new_max == neg_inf, 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - safe_max) + tl.sum(tl.exp(x - safe_max), axis=0)
+        run_max = new_max
+        # Argmax: first index of the max.
+        blk_idx = tl.min(tl.where(x == blk_max, idx, V), axis=0).to(tl.int64)
+        take = blk_max > best
+        best_idx = tl.where(take, blk_idx, best_idx)
+        best = tl.where(take, blk_max, best)
+        # Top-k: only blocks whose max beats the current k-th value matter.
+        if blk_max > tl.min(topk, axis=0):
+            xb = x
+            for _ in tl.static_range(TOP_K):
+                m = tl.max(xb, axis=0)
+                slot = tl.min(tl.where(topk == tl.min(topk, axis=0), kk, K_PAD), axis=0)
+                topk = tl.where(kk == slot, tl.maximum(topk, m), topk)
+                first = tl.min(tl.where(xb == m, idx, V), axis=0)
+                xb = tl.where(idx == first, neg_inf, xb)
+    lse = run_max + tl.log(run_sum)
+    logp = topk - lse
+    p = tl.exp(logp)
+    terms = tl.where((kk < TOP_K) & (p > 0), p * logp, 0.0)
+    entropy = tl.where(run_max == neg_inf, 0.0, -tl.sum(terms, axis=0))
+    d = tl.load(draft_ptr + row).to(tl.int64)
+    ok = (d >= 0) & (d < V)
+    dl = tl.load(base + tl.where(ok, d, 0), mask=ok, other=neg_inf).to(tl.float32)
+    tl.store(lse_ptr + row, lse)
+    tl.store(argmax_ptr + row, best_idx)
+    tl.store(entropy_ptr + row, entropy)
+    tl.store(draft_logit_ptr + row, dl)
+
+
+@triton.jit
+def _accept_kernel(
+    out_ptr,  # [B, S + 1] int32 out
+    num_accepted_ptr,  # [B] int64 out
+    flags_ptr,  # [T] int32 out
+    cu_ptr,  # [B] inclusive cumsum
+    draft_ptr,  # [T]
+    argmax_ptr,  # [T] int64
+    entropy_ptr,  # [T] fp32
+    draft_logit_ptr,  # [T] fp32
+    bonus_ptr,  # [B]
+    thr_ptr,  # [B] fp32
+    window_ptr,  # [B] int64
+    span_ptr,  # [B] int64
+    is_greedy_ptr,  # [B] bool (HAS_RANDOM)
+    p_ptr,  # [T] fp32 target prob of the draft (HAS_RANDOM)
+    q_ptr,  # [T] fp32 draft prob of the draft (HAS_RANDOM)
+    u_ptr,  # [T] fp64 or fp32 uniforms (HAS_RANDOM)
+    recovered_ptr,  # [T] (HAS_RANDOM)
+    V,
+    S,
+    HAS_RANDOM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    end = tl.load(cu_ptr + b).to(tl.int64)
+    start = tl.where(b == 0, 0, tl.load(cu_ptr + b - 1, mask=b > 0, other=0).to(tl.int64))
+    n = end - start
+    pos = tl.arange(0, BLOCK_S)
+    live = pos < n
+    t = start + pos
+    d = tl.load(draft_ptr + t, mask=live, other=-1).to(tl.int64)
+    amax = tl.load(argmax_ptr + t, mask=live, other=0)
+    ent = tl.load(entropy_ptr + t, mask=live, other=0.0)
+    dl = tl.load(draft_logit_ptr + t, mask=live, other=float("-inf"))
+    valid = live & (d >= 0) & (d < V)
+    native = valid & (d == amax)
+    finite = valid & (dl > float("-inf"))
+    correction = amax
+    if HAS_RANDOM:
+        if not tl.load(is_greedy_ptr + b):
+            p = tl.load(p_ptr + t, mask=live, other=0.0)
+            q = tl.load(q_ptr + t, mask=live, other=0.0)
+            u = tl.load(u_ptr + t, mask=live, other=1.0)
+            native = valid & (q > 0) & ((p / q).to(u.dtype) >= u)
+            finite = valid & (p > 0) & (q > 0)
+            correction = tl.load(recovered_ptr + t, mask=live, other=0).to(tl.int64)
+    thr = tl.load(thr_ptr + b)
+    w = tl.load(window_ptr + b)
+    span = tl.load(span_ptr + b)
+    mismatch = live & (native == 0)
+    open_gate = mismatch & (ent >= thr)
+    gated = mismatch & (ent < thr)  # the wrapper drops rows with thr = inf
+    fits = (pos + w) < n
+    uncertain = open_gate & finite & fits
+    vetoed = open_gate & valid & fits & (finite == 0)
+    # Mismatches in (i, i + span], as a [BLOCK_S, BLOCK_S] masked count.
+    j = pos[None, :]
+    i = pos[:, None]
+    in_win = (j > i) & (j <= i + span) & (mismatch[None, :] != 0)
+    broken = tl.sum(in_win.to(tl.int32), axis=1)
+    rescued = uncertain & (broken == 0)
+    accepted = native | rescued
+    first_reject = tl.min(tl.where(live & (accepted == 0), pos, BLOCK_S), axis=0)
+    num_acc = tl.minimum(first_reject, n)
+    in_prefix = live & (pos < num_acc)
+    flags = (native.to(tl.int32) * 1 + uncertain.to(tl.int32) * 2
+             + rescued.to(tl.int32) * 4 + in_prefix.to(tl.int32) * 8
+             + gated.to(tl.int32) * 16 + vetoed.to(tl.int32) * 32)
+    tl.store(flags_ptr + t, flags, mask=live)
+    row = out_ptr + b.to(tl.int64) * (S + 1)
+    val = tl.where(in_prefix, d, tl.where(live & (pos == num_acc), correction, -1))
+    tl.store(row + pos, val.to(tl.int32), mask=pos < S + 1)
+    bonus = tl.load(bonus_ptr + b).to(tl.int32)
+    tl.store(row + n, bonus, mask=num_acc == n)
+    tl.store(num_accepted_ptr + b, num_acc)
+
+
+def _block_v(vocab: int) -> int:
+    return min(4096, triton.next_power_of_2(max(vocab, 16)))
+
+
+def row_stats(
+    logits: torch.Tensor, draft_token_ids: torch.Tensor, top_k: int,
+    block_v: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over [T, V] logits: (lse, argmax, top-k entropy, draft logit)."""
+    T, V = logits.shape
+    dev = logits.device
+    lse = torch.empty(T, dtype=torch.float32, device=dev)
+    amax = torch.empty(T, dtype=torch.int64, device=dev)
+    ent = torch.empty(T, dtype=torch.float32, device=dev)
+    dl = torch.empty(T, dtype=torch.float32, device=dev)
+    if T == 0:
+        return lse, amax, ent, dl
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    _row_stats_kernel[(T,)](
+        logits, logits.stride(0), draft_token_ids, lse, amax, ent, dl, V,
+        TOP_K=top_k, K_PAD=triton.next_power_of_2(max(top_k, 2)),
+        BLOCK_V=block_v or _block_v(V), num_warps=8,
+    )
+    return lse, amax, ent, dl
+
+
+def fly_verify_triton(
+    draft_token_ids: torch.Tensor,  # [T]
+    cu_num_draft_tokens: torch.Tensor,  # [B]
+    target_logits: torch.Tensor,  # [T, V]
+    bonus_token_ids: torch.Tensor,  # [B, 1]
+    max_spec_len: int,
+    *,
+    entropy_threshold: torch.Tensor,  # [B]
+    window: torch.Tensor,  # [B]
+    window_span: torch.Tensor,  # [B]
+    entropy_top_k: int = 3,
+    is_greedy: torch.Tensor | None = None,
+    target_probs: torch.Tensor | None = None,
+    draft_probs: torch.Tensor | None = None,
+    uniform_probs: torch.Tensor | None = None,
+    recovered_token_ids: torch.Tensor | None = None,
+    block_v: int | None = None,
+) -> FlyVerifyOutput:
+    """Same contract and results as ``fly_vllm.verifier.fly_verify``."""
+    T, V = target_logits.shape
+    B = cu_num_draft_tokens.shape[0]
+    S = max_spec_len
+    dev = target_logits.device
+    draft = draft_token_ids.contiguous()
+    lse, amax, ent, dl = row_stats(target_logits, draft, entropy_top_k, block_v)
+    has_random = is_greedy is not None
+    p = q = u = rec = None
+    if has_random:
+        safe = draft.long().clamp(0, V - 1).unsqueeze(-1)
+        p = target_probs.gather(-1, safe).squeeze(-1).float().contiguous()
+        q = (torch.ones_like(p) if draft_probs is None
+             else draft_probs.gather(-1, safe).squeeze(-1).float().contiguous())
+        u = uniform_probs.contiguous()
+        rec = recovered_token_ids.contiguous()
+    out = torch.full((B, S + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=dev)
+    num_acc = torch.zeros(B, dtype=torch.int64, device=dev)
+    flags = torch.zeros(T, dtype=torch.int32, device=dev)
+    if B > 0:
+        _accept_kernel[(B,)](
+            out, num_acc, flags, cu_num_draft_tokens.contiguous(), draft, amax, ent, dl,
+            bonus_token_ids.reshape(B).contiguous(),
+            entropy_threshold.float().contiguous(), window.long().contiguous(),
+            window_span.long().contiguous(),
+            is_greedy if has_random else flags, p if has_random else ent,
+            q if has_random else ent, u if has_random else ent,
+            rec if has_random else amax, V, S,
+            HAS_RANDOM=has_random, BLOCK_S=triton.next_power_of_2(max(S, 2)),
+            num_warps=4,
+        )
+    req, pos, _ = token_layout(cu_num_draft_tokens, T)
+    bit = lambda m: (flags & m) != 0  # noqa: E731
+    return FlyVerifyOutput(
+        output_token_ids=out, num_accepted=num_acc, native=bit(NATIVE),
+        uncertain=bit(UNCERTAIN), rescued=bit(RESCUED), in_prefix=bit(IN_PREFIX),
+        loose_accepted=bit(RESCUED) & bit(IN_PREFIX),
+        gated=bit(GATED) & torch.isfinite(entropy_threshold)[req],
+        guard_vetoed=bit(VETOED), positions=pos, entropy=ent,
+    )
