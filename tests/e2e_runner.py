@@ -53,6 +53,7 @@ def main() -> None:
             metrics[key] = m.value
     result = {
         "token_ids": [list(o.outputs[0].token_ids) for o in outs],
+        "prompt_token_ids": [list(o.prompt_token_ids) for o in outs],
         "texts": [o.outputs[0].text for o in outs],
         "metrics": metrics,
     }

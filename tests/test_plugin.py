@@ -1,0 +1,66 @@
+"""The plugin's registration: version range, idempotence, the LLM() path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fly_vllm.plugin import FlyVersionError, check_vllm_version
+from tests.conftest import ROOT, vllm_env
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.1+cpu", "0.33.0", "0.33.2"])
+def test_supported_versions(version):
+    check_vllm_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.31.9", "0.34.0", "1.0.0", "garbage"])
+def test_unsupported_versions_name_the_range(version):
+    with pytest.raises(FlyVersionError, match=r">=0.32,<0.34.*found vLLM " + version):
+        check_vllm_version(version)
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT,
+                          env=vllm_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_register_is_idempotent_and_patches_once():
+    r = run_python("""
+        import fly_vllm.plugin as p
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.config import VllmConfig
+        p.register()
+        first = (EngineArgs.create_speculative_config, EngineArgs.add_cli_args,
+                 VllmConfig.use_v2_model_runner)
+        p._registered = False           # as if loaded again in this process
+        p.register()
+        again = (EngineArgs.create_speculative_config, EngineArgs.add_cli_args,
+                 VllmConfig.use_v2_model_runner)
+        assert first == again, "patched twice"
+        import vllm.v1.sample.rejection_sampler as rs
+        import vllm.v1.worker.gpu_model_runner as gmr
+        assert getattr(rs.rejection_sample, "__fly_vllm_patched__", False)
+        assert getattr(gmr.GPUModelRunner.__init__, "__fly_vllm_patched__", False)
+        print("ok")
+    """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().endswith("ok")
+
+
+def test_llm_path_rejects_a_bad_config_before_the_engine(tiny_pair):
+    r = run_python(f"""
+        from vllm import LLM
+        from fly_vllm.config import FlyConfigError
+        try:
+            LLM(model={tiny_pair['target']!r}, speculative_config={{
+                "method": "fly", "model": {tiny_pair['near']!r},
+                "num_speculative_tokens": 4, "fly": {{"entropy_threshold": -1}}}})
+        except FlyConfigError as e:
+            print("FlyConfigError:", e)
+    """)
+    assert "FlyConfigError: fly.entropy_threshold must be >= 0" in r.stdout, r.stderr[-3000:]
+    assert "Loading weights" not in r.stderr  # it stopped before any engine
