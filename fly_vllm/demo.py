@@ -16,11 +16,7 @@ for token, so FLy's first divergence from the target is a loose accept.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 
 PROMPTS = [
@@ -39,54 +35,18 @@ PROMPTS = [
 ]
 
 
-def _worker(job_path: str, out_path: str) -> None:
-    """One mode, in a fresh process: generate and report."""
-    job = json.load(open(job_path))
-    from vllm import LLM, SamplingParams
+def _run_mode(name: str, job: dict) -> dict:
+    from fly_vllm.bench.offline import run_mode
 
-    llm = LLM(model=job["model"], speculative_config=job["spec"], enforce_eager=True,
-              dtype="float32", max_model_len=1024, disable_log_stats=False, seed=0,
-              max_num_seqs=1)
-    params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0)
-    conversations = [[{"role": "user", "content": p}] for p in job["prompts"]]
-    llm.chat(conversations[:1], params, use_tqdm=False)  # warm-up
-    before = _counters(llm)
-    t0 = time.perf_counter()
-    outs = []
-    for conv in conversations:  # one request at a time: latency, as in the paper
-        outs += llm.chat([conv], params, use_tqdm=False)
-    elapsed = time.perf_counter() - t0
-    after = _counters(llm)
-    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-    json.dump({
-        "elapsed": elapsed,
-        "token_ids": [list(o.outputs[0].token_ids) for o in outs],
-        "texts": [o.outputs[0].text for o in outs],
-        "counters": delta,
-    }, open(out_path, "w"))
-
-
-def _counters(llm) -> dict[str, float]:
-    out = {}
-    for m in llm.get_metrics():
-        if m.name.startswith(("vllm:spec_decode", "vllm:fly_")) and hasattr(m, "value"):
-            out[m.name] = out.get(m.name, 0) + m.value
-    return out
-
-
-def _run_mode(name: str, job: dict, env: dict) -> dict:
-    with tempfile.TemporaryDirectory() as d:
-        jp, op = os.path.join(d, "job.json"), os.path.join(d, "out.json")
-        json.dump(job, open(jp, "w"))
-        t0 = time.time()
-        print(f"  {name}: starting an engine and generating...", file=sys.stderr, flush=True)
-        r = subprocess.run([sys.executable, "-m", "fly_vllm.demo", "--worker", jp, op],
-                           env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            sys.stderr.write(r.stderr[-3000:])
-            raise SystemExit(f"fly-vllm demo: mode {name!r} failed (see above)")
-        print(f"  {name}: done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-        return json.load(open(op))
+    t0 = time.time()
+    print(f"  {name}: starting an engine and generating...", file=sys.stderr, flush=True)
+    try:
+        res = run_mode(job)
+    except RuntimeError as e:
+        raise SystemExit(f"fly-vllm demo: mode {name!r} failed: {e}") from None
+    print(f"  {name}: done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    res["token_ids"] = [r["token_ids"] for r in res["results"]]
+    return res
 
 
 def _summary(res: dict) -> dict:
@@ -131,7 +91,6 @@ def _show_divergence(target: dict, fly: dict, tokenizer_path: str, prompts) -> N
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fly-vllm demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None,
                     help="target: HF id or local path (default: embedded SmolLM2-135M)")
     ap.add_argument("--draft", default=None,
@@ -144,10 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=len(PROMPTS),
                     help=f"how many bundled prompts to use (max {len(PROMPTS)})")
     args = ap.parse_args(argv)
-    if args.worker:
-        _worker(*args.worker)
-        return 0
-
     from fly_vllm.models import resolve_model
 
     print("[fly-vllm demo] resolving the target model", file=sys.stderr, flush=True)
@@ -171,11 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     for spec in modes.values():  # fail fast, before any engine starts
         if spec:
             parse_fly_config(spec)
-    env = dict(os.environ)
-    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    env.setdefault("OMP_NUM_THREADS", "2")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    env.setdefault("VLLM_HOST_IP", "127.0.0.1")
     prompts = PROMPTS[: args.prompts]
     print(f"[fly-vllm demo] target {model}\n  drafter: {drafter_name}, K={K}, "
           f"W={args.window}, threshold={args.threshold} nats; {len(prompts)} prompts, "
@@ -184,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for i, (name, spec) in enumerate(modes.items(), 1):
         print(f"[{i}/{len(modes)}] {name}", file=sys.stderr, flush=True)
-        results[name] = _run_mode(name, {"model": model, "spec": spec,
-                                         "prompts": prompts,
-                                         "max_tokens": args.max_tokens}, env)
+        requests = [{"messages": [{"role": "user", "content": p}],
+                     "max_tokens": args.max_tokens, "temperature": 0.0} for p in prompts]
+        results[name] = _run_mode(name, {
+            "model": model, "spec": spec, "requests": requests, "concurrency": 1,
+            "engine": {"max_model_len": 1024, "max_num_seqs": 1}})
     base = _summary(results["target alone"])["tok_s"]
     print(f"\n{'mode':<20} {'tok/s':>7} {'vs target':>9} {'mean acc. len':>13} "
           f"{'loose rate':>10}")

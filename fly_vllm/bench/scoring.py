@@ -1,0 +1,117 @@
+"""Scoring: GSM8K final answers, HumanEval programs in a sandbox, agreement
+with the target's own output, and intervals.
+
+HumanEval programs run in a separate Python process (`-I`, isolated), in an
+empty temporary folder, with a time limit, an address-space limit, and, where
+`unshare` can make one (root on Linux), a network namespace with no network.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+
+_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def gsm8k_extract(text: str) -> str | None:
+    """The model's final number: after the last '####' if present, else the
+    last number in the text. Commas dropped; '12.0' -> '12'."""
+    tail = text.rsplit("####", 1)[-1] if "####" in text else text
+    nums = _NUM.findall(tail) or _NUM.findall(text)
+    if not nums:
+        return None
+    n = nums[-1].replace(",", "").rstrip(".")
+    if re.fullmatch(r"-?\d+\.0+", n):
+        n = n.split(".")[0]
+    return n
+
+
+def gsm8k_correct(text: str, reference: str) -> bool:
+    got = gsm8k_extract(text)
+    return got is not None and got == reference.replace(",", "")
+
+
+def humaneval_program(problem: dict, completion: str) -> str:
+    """The program to test: the model's code block if it defines the entry
+    point, else the prompt followed by the completion."""
+    blocks = re.findall(r"```(?:python|py)?\n(.*?)```", completion, re.S)
+    code = blocks[0] if blocks else completion
+    if f"def {problem['entry_point']}" not in code:
+        code = problem["prompt"] + code
+    return f"{code}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def _limit_resources() -> None:  # runs in the child before exec
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+    resource.setrlimit(resource.RLIMIT_CPU, (20, 20))
+
+
+def run_sandboxed(program: str, timeout: float = 10.0) -> bool:
+    """True iff the program exits 0 within the time limit."""
+    cmd = [sys.executable, "-I", "-c", program]
+    if shutil.which("unshare") and os.geteuid() == 0:
+        cmd = ["unshare", "--net", "--"] + cmd
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            r = subprocess.run(cmd, cwd=d, capture_output=True, timeout=timeout,
+                               preexec_fn=_limit_resources, env={"PATH": "/usr/bin:/bin"})
+        except subprocess.TimeoutExpired:
+            return False
+    return r.returncode == 0
+
+
+def humaneval_passes(problem: dict, completion: str) -> bool:
+    return run_sandboxed(humaneval_program(problem, completion))
+
+
+def lcs_ratio(a: Sequence[int], b: Sequence[int]) -> float:
+    """Longest common subsequence of two token lists over the longer length:
+    1.0 for identical outputs."""
+    if not a and not b:
+        return 1.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1] / max(len(a), len(b))
+
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0,
+                 alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean."""
+    if not values:
+        return (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    k = len(values)
+    means = sorted(sum(rng.choice(values) for _ in range(k)) / k for _ in range(n_boot))
+    return means[int(alpha / 2 * n_boot)], means[int((1 - alpha / 2) * n_boot) - 1]
+
+
+def ratio_ci(num: Sequence[float], den: Sequence[float], n_boot: int = 2000,
+             seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """Paired bootstrap interval of mean(num) / mean(den) over the same items."""
+    rng = random.Random(seed)
+    k = len(num)
+    if k == 0:
+        return (float("nan"), float("nan"))
+    ratios = []
+    for _ in range(n_boot):
+        idx = [rng.randrange(k) for _ in range(k)]
+        d = sum(den[i] for i in idx)
+        if d > 0:
+            ratios.append(sum(num[i] for i in idx) / d)
+    ratios.sort()
+    if not ratios:
+        return (float("nan"), float("nan"))
+    return ratios[int(alpha / 2 * len(ratios))], ratios[int((1 - alpha / 2) * len(ratios)) - 1]
