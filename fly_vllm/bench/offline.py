@@ -67,26 +67,41 @@ def _worker(job: dict) -> dict:
 
     # Warm-up on the first request (not timed, not counted).
     llm.chat([reqs[0]["messages"]], params(reqs[0]), use_tqdm=False)
-    before = counters(llm)
     conc = max(1, int(job.get("concurrency", 1)))
     results: list[dict] = []
+    group_counters: dict[str, dict] = {}
+    groups = list(dict.fromkeys(r.get("group", "all") for r in reqs))
     t_all = time.perf_counter()
-    for start in range(0, len(reqs), conc):
-        group = reqs[start:start + conc]
-        t0 = time.perf_counter()
-        outs = llm.chat([r["messages"] for r in group], [params(r) for r in group],
-                        use_tqdm=False)
-        dt = time.perf_counter() - t0
-        for o in outs:
-            results.append({"text": o.outputs[0].text,
-                            "token_ids": list(o.outputs[0].token_ids),
-                            "latency": dt})
-        if job.get("progress"):
-            print(f"{PROGRESS}    {len(results)}/{len(reqs)} requests done",
-                  file=sys.stderr, flush=True)
+    for g in groups:
+        todo = [r for r in reqs if r.get("group", "all") == g]
+        before = counters(llm)
+        for start in range(0, len(todo), conc):
+            chunk = todo[start:start + conc]
+            t0 = time.perf_counter()
+            outs = llm.chat([r["messages"] for r in chunk], [params(r) for r in chunk],
+                            use_tqdm=False)
+            dt = time.perf_counter() - t0
+            for r, o in zip(chunk, outs):
+                results.append({"id": r.get("id"), "group": g, "text": o.outputs[0].text,
+                                "token_ids": list(o.outputs[0].token_ids),
+                                "latency": dt})
+            if job.get("progress"):
+                print(f"{PROGRESS}    {g}: {min(start + conc, len(todo))}/{len(todo)} "
+                      "requests done", file=sys.stderr, flush=True)
+        group_counters[g] = counter_delta(counters(llm), before)
     elapsed = time.perf_counter() - t_all
-    return {"elapsed": elapsed, "results": results,
-            "counters": counter_delta(counters(llm), before)}
+    total: dict = {}
+    for c in group_counters.values():
+        for k, v in c.items():
+            if isinstance(v, list):
+                acc = total.setdefault(k, [])
+                acc.extend([0] * (len(v) - len(acc)))
+                for i, x in enumerate(v):
+                    acc[i] += x
+            else:
+                total[k] = total.get(k, 0) + v
+    return {"elapsed": elapsed, "results": results, "counters": total,
+            "group_counters": group_counters}
 
 
 def run_mode(job: dict, *, env: dict | None = None, log_path: str | None = None) -> dict:

