@@ -62,6 +62,14 @@ class FlyConfig:
         drafter: The vLLM speculative method that proposes the drafts
             (``"draft_model"``, ``"ngram"``, ``"eagle"``, ...). Default: inferred
             from the other keys, as vLLM infers it.
+        guard_digits: Never loosely accept a draft whose digits differ from
+            the target's choice (numbers are where a "synonym" is an error).
+        guard_structured: Never loosely accept inside structured (guided)
+            output: such requests are verified exactly.
+        guard_eos_stop: Never loosely accept the end-of-sequence token, a
+            request's stop token, or a token carrying (part of) a stop string.
+        All guards are off by default, so a config means what vLLM's native
+        FLy means; each is counted when it vetoes.
     """
 
     entropy_threshold: float = 0.3
@@ -70,6 +78,9 @@ class FlyConfig:
     strict: bool = False
     window_convention: str = "vllm"
     drafter: str | None = None
+    guard_digits: bool = False
+    guard_structured: bool = False
+    guard_eos_stop: bool = False
 
     @property
     def window_span(self) -> int:
@@ -268,17 +279,19 @@ def parse_fly_config(spec: dict[str, Any]) -> tuple[dict[str, Any], FlyConfig]:
             f"fly.window_convention must be one of {list(WINDOW_CONVENTIONS)}; "
             f"got {convention!r}"
         )
-    strict = block.get("strict", False)
-    if not isinstance(strict, bool):
-        raise FlyConfigError(f"fly.strict must be true or false; got {strict!r}")
+    flags = {}
+    for key in ("strict", "guard_digits", "guard_structured", "guard_eos_stop"):
+        flags[key] = block.get(key, False)
+        if not isinstance(flags[key], bool):
+            raise FlyConfigError(f"fly.{key} must be true or false; got {flags[key]!r}")
 
     fly = FlyConfig(
         entropy_threshold=float(threshold),
         window=window,
         entropy_top_k=top_k,
-        strict=strict,
         window_convention=convention,
         drafter=drafter,
+        **flags,
     )
     return spec, fly
 
@@ -290,3 +303,75 @@ def check_speculative_config(value: str | dict[str, Any]) -> dict[str, Any]:
     if is_fly(spec):
         parse_fly_config(spec)
     return spec
+
+
+# --------------------------------------------------------------------------
+# Per-request control.
+
+REQUEST_KEYS = ("strict", "entropy_threshold", "window")
+
+
+def _as_bool(key: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0"):
+        return v.lower() in ("true", "1")
+    raise FlyConfigError(f"per-request fly {key} must be true or false; got {v!r}")
+
+
+def request_overrides(extra_args: dict[str, Any] | None, k: int) -> dict[str, Any]:
+    """Validate a request's own FLy settings.
+
+    They come from ``SamplingParams.extra_args``, either as a ``"fly"`` dict
+    (offline) or as flat ``fly_<key>`` entries (the OpenAI server's
+    ``vllm_xargs``, which takes flat values only). Keys: ``strict`` (true:
+    exact verification for this request), ``entropy_threshold`` (>= 0) and
+    ``window`` (1..K-1). Returns the overrides as a dict (empty if none).
+
+    Raises:
+        FlyConfigError: an unknown key, a wrong type or a value out of range.
+    """
+    if not extra_args:
+        return {}
+    given: dict[str, Any] = {}
+    nested = extra_args.get("fly")
+    if nested is not None:
+        if not isinstance(nested, dict):
+            raise FlyConfigError(f"extra_args['fly'] must be an object; got {nested!r}")
+        given.update(nested)
+    for key, v in extra_args.items():
+        if key.startswith("fly_"):
+            given[key[len("fly_"):]] = v
+    out: dict[str, Any] = {}
+    for key, v in given.items():
+        if key not in REQUEST_KEYS:
+            raise FlyConfigError(
+                f"unknown per-request fly key {key!r}; allowed: {', '.join(REQUEST_KEYS)}"
+                " (over HTTP: vllm_xargs {\"fly_strict\": true, ...})")
+        if key == "strict":
+            out[key] = _as_bool(key, v)
+        elif key == "entropy_threshold":
+            if isinstance(v, str):
+                try:
+                    v = float(v)
+                except ValueError:
+                    pass
+            if (not isinstance(v, (int, float)) or isinstance(v, bool)
+                    or not math.isfinite(v) or v < 0):
+                raise FlyConfigError(
+                    f"per-request fly entropy_threshold must be a finite number >= 0; "
+                    f"got {v!r}")
+            out[key] = float(v)
+        else:
+            if isinstance(v, str) and v.isdigit():
+                v = int(v)
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v < k:
+                raise FlyConfigError(
+                    f"per-request fly window must be an integer in 1..{k - 1} "
+                    f"(K={k}); got {v!r}")
+            out[key] = v
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from vllm.v1.sample.rejection_sampler import RejectionSampler
 
 from fly_vllm import metrics
-from fly_vllm.config import FlyConfig
+from fly_vllm.config import FlyConfig, FlyConfigError, request_overrides
 from fly_vllm.verifier import FlyVerifyOutput, fly_verify
 
 _PATCHED_ATTR = "__fly_vllm_patched__"
@@ -97,17 +98,22 @@ class FlyRejectionSampler(RejectionSampler):
     is routed to :meth:`fly_rejection_sample`.
     """
 
-    def __init__(self, sampler, spec_config, device, fly: FlyConfig, active, warmup):
+    def __init__(self, sampler, spec_config, device, fly: FlyConfig, active, warmup,
+                 runner=None):
         super().__init__(sampler, spec_config, device)
         if getattr(self, "synthetic_mode", False):
             raise ValueError("FLy cannot run with rejection_sample_method='synthetic'")
         self.fly = fly
+        self.k = spec_config.num_speculative_tokens if spec_config is not None else 0
         self._active = active
         self._warmup = warmup
+        self._runner = weakref.ref(runner) if runner is not None else (lambda: None)
         self._verify = select_verifier(torch.device(device) if device else
                                        torch.device("cpu"))
         self._pending: torch.Tensor | None = None
         self._last_flush = time.monotonic()
+        self._per_request: dict[str, tuple] = {}
+        self._tables = None  # token tables for the guards, built on first use
 
     def forward(self, *args, **kwargs):
         token = self._active.set(self)
@@ -116,15 +122,116 @@ class FlyRejectionSampler(RejectionSampler):
         finally:
             self._active.reset(token)
 
-    def request_params(self, batch: int, device: torch.device):
+    # ---------------------------------------------------------- per request
+
+    def _batch_requests(self, batch: int) -> list[Any]:
+        """Sampling params of each row of the batch (None where unknown, as
+        in vLLM's warm-up runs)."""
+        runner = self._runner()
+        if runner is None:
+            return [None] * batch
+        req_ids = list(getattr(runner.input_batch, "req_ids", []))[:batch]
+        states = getattr(runner, "requests", {})
+        rows = []
+        for rid in req_ids:
+            st = states.get(rid) if rid is not None else None
+            rows.append((rid, getattr(st, "sampling_params", None)) if st else None)
+        return rows + [None] * (batch - len(rows))
+
+    def _settings(self, row) -> tuple:
+        """(threshold, window, span, structured, stop_ids, stop_strs) for a row."""
+        fly = self.fly
+        if row is None:
+            thr = float("inf") if fly.strict else fly.entropy_threshold
+            return (thr, fly.window, None, False, (), ())
+        rid, sp = row
+        cached = self._per_request.get(rid)
+        if cached is not None:
+            return cached
+        try:
+            ov = request_overrides(getattr(sp, "extra_args", None), self.k)
+        except FlyConfigError:  # validated by the front-end; be safe anyway
+            ov = {}
+        strict = ov.get("strict", fly.strict)
+        thr = float("inf") if strict else ov.get("entropy_threshold", fly.entropy_threshold)
+        window = ov.get("window", fly.window)
+        structured = getattr(sp, "structured_outputs", None) is not None
+        stop_ids = tuple(getattr(sp, "all_stop_token_ids", None) or ())
+        stops = getattr(sp, "stop", None) or ()
+        stop_strs = (stops,) if isinstance(stops, str) else tuple(stops)
+        out = (thr, window, None, structured, stop_ids, stop_strs)
+        if len(self._per_request) > 4096:
+            self._per_request.clear()
+        self._per_request[rid] = out
+        return out
+
+    def request_params(self, batch: int, device: torch.device, rows=None):
         """Per-request threshold, window and span, [B] each."""
         fly = self.fly
-        thr = float("inf") if fly.strict else fly.entropy_threshold
+        rows = rows if rows is not None else [None] * batch
+        settings = [self._settings(r) for r in rows]
+        thr = [s[0] for s in settings]
+        win = [s[1] for s in settings]
+        span = [w if fly.window_convention == "vllm" else w - 1 for w in win]
         return (
-            torch.full((batch,), thr, dtype=torch.float32, device=device),
-            torch.full((batch,), fly.window, dtype=torch.int64, device=device),
-            torch.full((batch,), fly.window_span, dtype=torch.int64, device=device),
+            torch.tensor(thr, dtype=torch.float32, device=device),
+            torch.tensor(win, dtype=torch.int64, device=device),
+            torch.tensor(span, dtype=torch.int64, device=device),
         )
+
+    # --------------------------------------------------------------- guards
+
+    def _token_tables(self):
+        """digit key per token id, and token strings (for stop strings)."""
+        if self._tables is None:
+            runner = self._runner()
+            from transformers import AutoTokenizer
+
+            mc = runner.model_config
+            tok = AutoTokenizer.from_pretrained(
+                mc.tokenizer, trust_remote_code=mc.trust_remote_code)
+            vocab = mc.get_vocab_size()
+            texts = tok.batch_decode([[i] for i in range(min(vocab, len(tok)))])
+            texts += [""] * (vocab - len(texts))
+            keys = [hash("".join(c for c in t if c.isdigit())) & ((1 << 62) - 1)
+                    if any(c.isdigit() for c in t) else 0 for t in texts]
+            self._tables = (torch.tensor(keys, dtype=torch.int64), texts,
+                            tok.eos_token_id)
+        return self._tables
+
+    def guard_masks(self, rows, draft_token_ids, cu_num_draft_tokens, target_logits):
+        """Per-rule [T] bool masks of the guards that are on (dict)."""
+        fly = self.fly
+        if not (fly.guard_digits or fly.guard_structured or fly.guard_eos_stop):
+            return {}
+        device = target_logits.device
+        T = draft_token_ids.shape[0]
+        n = torch.diff(cu_num_draft_tokens.long().cpu(),
+                       prepend=torch.zeros(1, dtype=torch.long)).tolist()
+        req_of = [b for b, k in enumerate(n) for _ in range(k)]
+        settings = [self._settings(r) for r in rows]
+        masks = {}
+        if fly.guard_structured:
+            masks["structured"] = torch.tensor(
+                [settings[b][3] for b in req_of], dtype=torch.bool, device=device)
+        if fly.guard_digits or fly.guard_eos_stop:
+            keys, texts, eos = self._token_tables()
+            drafts = draft_token_ids.long().cpu().clamp(0, len(texts) - 1)
+        if fly.guard_digits:
+            target = target_logits.argmax(-1).cpu()
+            masks["digits"] = (keys[drafts] != keys[target]).to(device)
+        if fly.guard_eos_stop:
+            flags = []
+            for i, b in enumerate(req_of):
+                d = int(drafts[i])
+                _, _, _, _, stop_ids, stop_strs = settings[b]
+                text = texts[d]
+                piece = text.strip()
+                flags.append(d == eos or d in stop_ids or any(
+                    s and (s in text or (piece and piece in s)) for s in stop_strs))
+            masks["eos_stop"] = torch.tensor(flags, dtype=torch.bool, device=device)
+        assert all(m.shape[0] == T for m in masks.values())
+        return masks
 
     def fly_rejection_sample(
         self,
@@ -167,7 +274,13 @@ class FlyRejectionSampler(RejectionSampler):
                 draft_token_ids, draft_probs, target_probs, sm, device,
                 use_fp64_gumbel,
             )
-        thr, window, span = self.request_params(batch, device)
+        rows = self._batch_requests(batch)
+        thr, window, span = self.request_params(batch, device, rows)
+        masks = self.guard_masks(rows, draft_token_ids, cu_num_draft_tokens,
+                                 target_logits)
+        veto = None
+        for m in masks.values():
+            veto = m if veto is None else veto | m
         out = self._verify(
             draft_token_ids,
             cu_num_draft_tokens,
@@ -183,12 +296,14 @@ class FlyRejectionSampler(RejectionSampler):
             draft_probs=draft_probs,
             uniform_probs=uniform,
             recovered_token_ids=recovered,
+            veto=veto,
         )
         if not self._warmup.get():
-            self._record(out, cu_num_draft_tokens)
+            self._record(out, cu_num_draft_tokens, masks)
         return out.output_token_ids
 
-    def _record(self, out: FlyVerifyOutput, cu_num_draft_tokens: torch.Tensor) -> None:
+    def _record(self, out: FlyVerifyOutput, cu_num_draft_tokens: torch.Tensor,
+                masks: dict[str, torch.Tensor]) -> None:
         n = torch.diff(
             cu_num_draft_tokens.long(), prepend=cu_num_draft_tokens.new_zeros(1)
         )
@@ -200,6 +315,9 @@ class FlyRejectionSampler(RejectionSampler):
             out.uncertain.sum(),
             out.gated.sum(),
             out.guard_vetoed.sum(),
+            *[(out.rule_vetoed & masks[r]).sum() if r in masks
+              else out.rule_vetoed.new_zeros((), dtype=torch.long)
+              for r in metrics.GUARD_RULES],
         ]).long()
         per_pos = torch.zeros(
             metrics.MAX_POSITIONS, dtype=torch.long, device=n.device

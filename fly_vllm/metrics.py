@@ -17,6 +17,8 @@ Counters (all ``vllm:fly_*`` so ``LLM.get_metrics()`` returns them):
     vllm:fly_uncertain_mismatches_total    mismatches that passed the gate
     vllm:fly_gated_mismatches_total        confident mismatches (hard rejects)
     vllm:fly_guard_vetoes_total            uncertain mismatches on a -inf logit
+    vllm:fly_{digit,structured,eos_stop}_guard_vetoes_total
+                                           loose accepts vetoed by each guard
 Accepted counts are the verifier's: tokens a stop string later cuts off are
 still counted, as in vLLM's own per-position counters.
 """
@@ -43,7 +45,11 @@ SCALARS = (
     ("uncertain_mismatches", "Mismatches that passed the entropy gate."),
     ("gated_mismatches", "Confident mismatches rejected by the entropy gate."),
     ("guard_vetoes", "Uncertain mismatches vetoed because the target logit is -inf."),
+    ("digit_guard_vetoes", "Loose accepts vetoed by the digit guard."),
+    ("structured_guard_vetoes", "Loose accepts vetoed inside structured output."),
+    ("eos_stop_guard_vetoes", "Loose accepts of EOS, stop tokens or stop strings vetoed."),
 )
+GUARD_RULES = ("digits", "structured", "eos_stop")
 _INDEX = {name: i for i, (name, _) in enumerate(SCALARS)}
 PER_POS_OFFSET = len(SCALARS)
 NUM_SLOTS = PER_POS_OFFSET + MAX_POSITIONS

@@ -13,14 +13,16 @@ patch checks that the vLLM symbol it wraps exists (supported: 0.32.x, 0.33.x):
    ``additional_config["fly"]``, which reaches every process.
 3. ``VllmConfig.use_v2_model_runner``: FLy runs on model runner V1 (the one
    vLLM uses for draft_model and ngram on 0.32; 0.33 would otherwise pick V2).
-4. ``GPUModelRunner.__init__`` (and so ``CPUModelRunner``): its
+4. ``InputProcessor._validate_params``: per-request FLy settings
+   (``SamplingParams.extra_args``) are validated in the front-end (HTTP 400).
+5. ``GPUModelRunner.__init__`` (and so ``CPUModelRunner``): its
    ``rejection_sampler`` becomes a :class:`FlyRejectionSampler`.
-5. ``vllm.v1.sample.rejection_sampler.rejection_sample``: a dispatcher that
+6. ``vllm.v1.sample.rejection_sampler.rejection_sample``: a dispatcher that
    routes the call to FLy while a :class:`FlyRejectionSampler` is verifying,
    and to vLLM's function otherwise. vLLM's own ``RejectionSampler.forward``
    (bonus token, penalties, bad words, grammar masks, logprobs) stays in use.
 
-Modules 4 and 5 live in heavy vLLM modules; they are patched when vLLM first
+Patches 4 to 6 live in heavy vLLM modules; they are patched when vLLM first
 imports them (or at once if already imported), so the front-end process does
 not import the model runner just to load the plugin.
 """
@@ -223,7 +225,7 @@ def _patch_model_runner_module(mod) -> None:
 
                 self.rejection_sampler = FlyRejectionSampler(
                     self.sampler, self.speculative_config, self.device, fly, _ACTIVE,
-                    _WARMUP,
+                    _WARMUP, runner=self,
                 )
                 logger.info("fly-vllm: FLy verification active: %s", fly)
 
@@ -245,7 +247,38 @@ def _patch_model_runner_module(mod) -> None:
     _wrap(runner_cls, "_dummy_sampler_run", make_dummy)
 
 
+def _patch_input_processor_module(mod) -> None:
+    """Per-request FLy settings are checked in the front-end, so a bad value
+    is the client's error (HTTP 400) and never reaches the engine."""
+    from vllm.exceptions import VLLMValidationError
+
+    from fly_vllm.config import request_overrides
+
+    def make(original):
+        @functools.wraps(original)
+        def _validate_params(self, params, *args, **kwargs):
+            result = original(self, params, *args, **kwargs)
+            extra = getattr(params, "extra_args", None)
+            if extra and ("fly" in extra or any(k.startswith("fly_") for k in extra)):
+                fly = fly_config_of(self.vllm_config)
+                spec = getattr(self.vllm_config, "speculative_config", None)
+                if fly is None or spec is None:
+                    raise VLLMValidationError(
+                        "per-request fly settings need a server started with "
+                        "\"method\": \"fly\" in --speculative-config")
+                try:
+                    request_overrides(extra, spec.num_speculative_tokens)
+                except FlyConfigError as e:
+                    raise VLLMValidationError(str(e)) from None
+            return result
+
+        return _validate_params
+
+    _wrap(mod.InputProcessor, "_validate_params", make)
+
+
 _LAZY_PATCHES = {
+    "vllm.v1.engine.input_processor": _patch_input_processor_module,
     "vllm.v1.sample.rejection_sampler": _patch_rejection_sampler_module,
     "vllm.v1.worker.gpu_model_runner": _patch_model_runner_module,
 }

@@ -23,7 +23,8 @@ verifies with):
    the step. Several rescues per step are allowed; windows are checked
    against native matches only.
 4. **Guard.** Never rescue a draft whose target logit is -inf (grammar, bad
-   words, allowed tokens, min-tokens masks), nor a placeholder draft (< 0).
+   words, allowed tokens, min-tokens masks), nor a placeholder draft (< 0),
+   nor one the caller's ``veto`` mask forbids (quality guards).
 5. **Output.** The longest prefix of accepted drafts (rescued drafts keep the
    draft token), then the correction (greedy: argmax; random: the recovered
    token vLLM sampled) or, if all drafts were accepted, the bonus token; the
@@ -58,6 +59,8 @@ class FlyVerifyOutput:
         loose_accepted: [T] bool, rescued and inside the accepted prefix.
         gated: [T] bool, mismatch rejected by the entropy gate (confident).
         guard_vetoed: [T] bool, uncertain mismatch vetoed by the -inf guard.
+        rule_vetoed: [T] bool, uncertain mismatch vetoed by a quality guard
+            (the ``veto`` input).
         positions: [T] int64, position of each draft token in its request.
         entropy: [T] float32, top-k entropy in nats.
     """
@@ -71,6 +74,7 @@ class FlyVerifyOutput:
     loose_accepted: torch.Tensor
     gated: torch.Tensor
     guard_vetoed: torch.Tensor
+    rule_vetoed: torch.Tensor
     positions: torch.Tensor
     entropy: torch.Tensor
 
@@ -109,6 +113,47 @@ def token_layout(
     return req, pos, cu - starts
 
 
+def emit(
+    accepted: torch.Tensor,  # [T] bool
+    draft: torch.Tensor,  # [T] int64
+    correction: torch.Tensor,  # [T] int64, the token emitted at a rejection
+    bonus_token_ids: torch.Tensor,  # [B, 1] or [B]
+    req: torch.Tensor,  # [T]
+    pos: torch.Tensor,  # [T]
+    n: torch.Tensor,  # [B]
+    max_spec_len: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """vLLM's output rows from per-token accept decisions, without host syncs.
+
+    Returns (output_token_ids [B, S + 1] int32, num_accepted [B], in_prefix
+    [T]): the longest accepted prefix (draft tokens), then the correction at
+    the first rejection or the bonus token if all drafts were accepted, then
+    PLACEHOLDER padding.
+    """
+    batch, device = n.shape[0], n.device
+    S = max_spec_len
+    grid = torch.zeros(batch, S, dtype=torch.bool, device=device)
+    grid.view(-1)[req * S + pos] = accepted
+    num_accepted = grid.long().cumprod(dim=1).sum(dim=1)  # [B]
+    # Slot B * (S + 1) is scratch for requests that get no bonus token.
+    row_len = S + 1
+    out = torch.full(
+        (batch * row_len + 1,), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device
+    )
+    in_prefix = pos < num_accepted[req]
+    is_correction = pos == num_accepted[req]
+    token_val = torch.where(
+        in_prefix,
+        draft,
+        torch.where(is_correction, correction, PLACEHOLDER_TOKEN_ID),
+    )
+    out[req * row_len + pos] = token_val.int()
+    rows = torch.arange(batch, device=device)
+    bonus_idx = torch.where(num_accepted == n, rows * row_len + n, batch * row_len)
+    out[bonus_idx] = bonus_token_ids.reshape(batch).int()
+    return out[:-1].view(batch, row_len), num_accepted, in_prefix
+
+
 def fly_verify(
     draft_token_ids: torch.Tensor,  # [T] int
     cu_num_draft_tokens: torch.Tensor,  # [B] int, inclusive cumsum
@@ -125,6 +170,7 @@ def fly_verify(
     draft_probs: torch.Tensor | None = None,  # [T, V] or None (one-hot q)
     uniform_probs: torch.Tensor | None = None,  # [T] float64
     recovered_token_ids: torch.Tensor | None = None,  # [T]
+    veto: torch.Tensor | None = None,  # [T] bool, quality guards
 ) -> FlyVerifyOutput:
     """FLy verification for a batch with ragged drafts. See the module doc.
 
@@ -176,9 +222,13 @@ def fly_verify(
     fits = (pos + w) < n[req]
     uncertain = open_gate & finite & fits
     guard_vetoed = open_gate & valid & fits & ~finite
+    if veto is not None:
+        rule_vetoed = uncertain & veto
+        uncertain = uncertain & ~veto
+    else:
+        rule_vetoed = torch.zeros_like(uncertain)
 
     # Window: count native mismatches in (i, i + span] per request.
-    flat = req * S + pos
     mis_grid = torch.zeros(batch, S + 1, dtype=torch.int32, device=device)
     mis_grid.view(-1)[req * (S + 1) + pos + 1] = mismatch.int()
     cum = mis_grid.cumsum(dim=1)  # cum[:, j] = mismatches at positions < j
@@ -187,28 +237,8 @@ def fly_verify(
     rescued = uncertain & (in_window == 0)
 
     accepted = native | rescued
-    acc_grid = torch.zeros(batch, S, dtype=torch.bool, device=device)
-    acc_grid.view(-1)[flat] = accepted
-    num_accepted = acc_grid.long().cumprod(dim=1).sum(dim=1)  # [B]
-
-    # Scatter into vLLM's layout without host syncs; slot B * (S + 1) is a
-    # scratch slot for requests that get no bonus token.
-    row_len = S + 1
-    out = torch.full(
-        (batch * row_len + 1,), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device
-    )
-    in_prefix = pos < num_accepted[req]
-    is_correction = pos == num_accepted[req]
-    token_val = torch.where(
-        in_prefix,
-        draft,
-        torch.where(is_correction, correction, PLACEHOLDER_TOKEN_ID),
-    )
-    out[req * row_len + pos] = token_val.int()
-    rows = torch.arange(batch, device=device)
-    bonus_idx = torch.where(num_accepted == n, rows * row_len + n, batch * row_len)
-    out[bonus_idx] = bonus_token_ids.reshape(batch).int()
-    out = out[:-1].view(batch, row_len)
+    out, num_accepted, in_prefix = emit(
+        accepted, draft, correction, bonus_token_ids, req, pos, n, S)
 
     return FlyVerifyOutput(
         output_token_ids=out,
@@ -220,6 +250,7 @@ def fly_verify(
         loose_accepted=rescued & in_prefix,
         gated=gated,
         guard_vetoed=guard_vetoed,
+        rule_vetoed=rule_vetoed,
         positions=pos,
         entropy=entropy,
     )

@@ -23,7 +23,8 @@ import triton.language as tl
 
 from fly_vllm.verifier import PLACEHOLDER_TOKEN_ID, FlyVerifyOutput, token_layout
 
-NATIVE, UNCERTAIN, RESCUED, IN_PREFIX, GATED, VETOED = (1, 2, 4, 8, 16, 32)
+NATIVE, UNCERTAIN, RESCUED, IN_PREFIX, GATED, VETOED, RULE_VETOED = (
+    1, 2, 4, 8, 16, 32, 64)
 
 
 @triton.jit
@@ -107,9 +108,11 @@ def _accept_kernel(
     q_ptr,  # [T] fp32 draft prob of the draft (HAS_RANDOM)
     u_ptr,  # [T] fp64 or fp32 uniforms (HAS_RANDOM)
     recovered_ptr,  # [T] (HAS_RANDOM)
+    veto_ptr,  # [T] bool (HAS_VETO)
     V,
     S,
     HAS_RANDOM: tl.constexpr,
+    HAS_VETO: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -144,6 +147,11 @@ def _accept_kernel(
     fits = (pos + w) < n
     uncertain = open_gate & finite & fits
     vetoed = open_gate & valid & fits & (finite == 0)
+    rule_vetoed = uncertain & (pos < 0)
+    if HAS_VETO:
+        v = tl.load(veto_ptr + t, mask=live, other=0) != 0
+        rule_vetoed = uncertain & v
+        uncertain = uncertain & (v == 0)
     # Mismatches in (i, i + span], as a [BLOCK_S, BLOCK_S] masked count.
     j = pos[None, :]
     i = pos[:, None]
@@ -156,7 +164,8 @@ def _accept_kernel(
     in_prefix = live & (pos < num_acc)
     flags = (native.to(tl.int32) * 1 + uncertain.to(tl.int32) * 2
              + rescued.to(tl.int32) * 4 + in_prefix.to(tl.int32) * 8
-             + gated.to(tl.int32) * 16 + vetoed.to(tl.int32) * 32)
+             + gated.to(tl.int32) * 16 + vetoed.to(tl.int32) * 32
+             + rule_vetoed.to(tl.int32) * 64)
     tl.store(flags_ptr + t, flags, mask=live)
     row = out_ptr + b.to(tl.int64) * (S + 1)
     val = tl.where(in_prefix, d, tl.where(live & (pos == num_acc), correction, -1))
@@ -209,6 +218,7 @@ def fly_verify_triton(
     draft_probs: torch.Tensor | None = None,
     uniform_probs: torch.Tensor | None = None,
     recovered_token_ids: torch.Tensor | None = None,
+    veto: torch.Tensor | None = None,
     block_v: int | None = None,
 ) -> FlyVerifyOutput:
     """Same contract and results as ``fly_vllm.verifier.fly_verify``."""
@@ -238,8 +248,9 @@ def fly_verify_triton(
             window_span.long().contiguous(),
             is_greedy if has_random else flags, p if has_random else ent,
             q if has_random else ent, u if has_random else ent,
-            rec if has_random else amax, V, S,
-            HAS_RANDOM=has_random, BLOCK_S=triton.next_power_of_2(max(S, 2)),
+            rec if has_random else amax,
+            veto.contiguous() if veto is not None else flags, V, S,
+            HAS_RANDOM=has_random, HAS_VETO=veto is not None, BLOCK_S=triton.next_power_of_2(max(S, 2)),
             num_warps=4,
         )
     req, pos, _ = token_layout(cu_num_draft_tokens, T)
@@ -249,5 +260,6 @@ def fly_verify_triton(
         uncertain=bit(UNCERTAIN), rescued=bit(RESCUED), in_prefix=bit(IN_PREFIX),
         loose_accepted=bit(RESCUED) & bit(IN_PREFIX),
         gated=bit(GATED) & torch.isfinite(entropy_threshold)[req],
-        guard_vetoed=bit(VETOED), positions=pos, entropy=ent,
+        guard_vetoed=bit(VETOED), rule_vetoed=bit(RULE_VETOED), positions=pos,
+        entropy=ent,
     )

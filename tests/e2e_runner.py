@@ -37,6 +37,8 @@ def main() -> None:
         kw = dict(job["sampling"])
         if kw.get("temperature", 0) > 0:
             kw["seed"] = 1000 + i
+        if job.get("extra_args"):
+            kw["extra_args"] = job["extra_args"][i]
         if job.get("json_schema"):
             kw["structured_outputs"] = StructuredOutputsParams(json=job["json_schema"])
         params.append(SamplingParams(**kw))

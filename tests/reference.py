@@ -44,6 +44,7 @@ def verify_request(
     uniforms: list[float] | None = None,
     recovered: list[int] | None = None,
     draft_probs: list[list[float]] | None = None,
+    veto: list[bool] | None = None,
 ) -> tuple[list[int], list[bool]]:
     """Returns (emitted tokens, loose flag per emitted draft)."""
     n = len(drafts)
@@ -69,7 +70,9 @@ def verify_request(
             continue
         uncertain = topk_entropy(logits[i], top_k) >= threshold
         fits = i + window < n
-        if uncertain and finite[i] and fits and all(native[i + 1 : i + 1 + span]):
+        vetoed = bool(veto and veto[i])
+        if (uncertain and finite[i] and fits and not vetoed
+                and all(native[i + 1 : i + 1 + span])):
             emitted.append(d)
             loose.append(True)
             continue

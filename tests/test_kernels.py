@@ -17,7 +17,8 @@ from fly_vllm.verifier import fly_verify, topk_entropy  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FIELDS = ("output_token_ids", "num_accepted", "native", "uncertain", "rescued",
-          "in_prefix", "loose_accepted", "gated", "guard_vetoed", "positions")
+          "in_prefix", "loose_accepted", "gated", "guard_vetoed", "rule_vetoed",
+          "positions")
 
 
 def make_case(seed, B, K, V, *, dtype=torch.float32, zero_some=True, masked=True,
@@ -49,6 +50,8 @@ def make_case(seed, B, K, V, *, dtype=torch.float32, zero_some=True, masked=True
         entropy_top_k=int(torch.randint(1, 9, (1,), generator=g)),
     )
     args["window_span"] = args["window"] - torch.randint(0, 2, (B,), generator=g).to(DEV)
+    if seed % 2:
+        args["veto"] = (torch.rand(T, generator=g) < 0.3).to(DEV)
     if random_rows:
         probs = logits.float().softmax(-1)
         args.update(

@@ -113,6 +113,44 @@ def test_openai_endpoints_and_metrics(server):
     assert any("EngineCore" in name for _, name in lines)
 
 
+def test_benchmark_against_the_endpoint(server):
+    """The benchmark's remote backend: requests stream, acceptance comes from
+    the endpoint's /metrics."""
+    from fly_vllm.bench.remote import run_remote
+
+    reqs = [{"id": f"r{i}", "group": "g", "max_tokens": 16, "temperature": 0.0,
+             "messages": [{"role": "user", "content": f"Item {i}: say something."}]}
+            for i in range(3)]
+    run = run_remote(server["base"], server["model"], reqs, concurrency=2)
+    assert [r["n_tokens"] for r in run["results"]] == [16, 16, 16]
+    assert all(r["ttft"] is not None and r["ttft"] <= r["latency"] for r in run["results"])
+    c = run["group_counters"]["g"]
+    assert c["vllm:spec_decode_num_drafts"] > 0 and c["vllm:fly_draft_tokens"] > 0
+    assert c["vllm:fly_native_accepted_tokens"] + c["vllm:fly_loose_accepted_tokens"] \
+        == c["vllm:spec_decode_num_accepted_tokens"]
+
+
+def test_bad_per_request_settings_get_400_and_the_server_keeps_serving(server):
+    url = server["base"] + "/v1/chat/completions"
+    body = {"model": server["model"], "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "hi"}]}
+    for xargs, words in [({"fly_window": 99}, "window must be an integer in 1..3"),
+                         ({"fly_strict": "maybe"}, "strict must be true or false"),
+                         ({"fly_bogus": 1}, "unknown per-request fly key 'bogus'"),
+                         ({"fly_entropy_threshold": -2}, "finite number >= 0")]:
+        r = requests.post(url, json={**body, "vllm_xargs": xargs}, timeout=60)
+        assert r.status_code == 400, (xargs, r.status_code, r.text)
+        assert words in r.text
+    r = requests.post(url, data="{not json", headers={"Content-Type": "application/json"},
+                      timeout=60)
+    assert 400 <= r.status_code < 500
+    # Good per-request settings work, and the server still serves.
+    ok = requests.post(url, json={**body, "vllm_xargs": {"fly_strict": True,
+                                                          "fly_window": 1}}, timeout=120)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+    assert requests.get(server["base"] + "/health", timeout=10).status_code == 200
+
+
 def test_stop_by_pid(server):
     proc = server["proc"]
     os.killpg(proc.pid, signal.SIGTERM)

@@ -123,6 +123,24 @@ def test_neg_inf_guard_never_accepts_a_masked_draft():
     assert out.guard_vetoed.tolist() == [True, False, False, False]
 
 
+def test_quality_guard_veto_blocks_only_where_set():
+    logits = [uncertain(5, 1), confident(2), uncertain(6, 3), confident(4), confident(8)]
+    drafts = [1, 2, 3, 4, 8]
+    args = dict(window=1, max_spec_len=5)
+    free, _ = run([(drafts, logits)], **args)
+    assert free == [[1, 2, 3, 4, 8, 100]]
+    B = 1
+    out = fly_verify(
+        torch.tensor(drafts, dtype=torch.int32), torch.tensor([5]),
+        torch.tensor(logits), torch.tensor([[100]]), 5,
+        entropy_threshold=torch.full((B,), 0.3), window=torch.full((B,), 1),
+        window_span=torch.full((B,), 1),
+        veto=torch.tensor([False, False, True, False, False]))
+    assert out.output_token_ids[0].tolist() == [1, 2, 6, -1, -1, -1]
+    assert out.rule_vetoed.tolist() == [False, False, True, False, False]
+    assert out.loose_accepted.tolist() == [True, False, False, False, False]
+
+
 def test_placeholder_draft_is_never_accepted():
     logits = [uncertain(5, 1), confident(2), confident(3)]
     emitted, _ = run([([-1, 2, 3], logits)], threshold=0.0, window=1)
@@ -196,9 +214,11 @@ def batches(draw, random_rows: bool = False):
 
 
 @settings(max_examples=300, deadline=None)
-@given(batches())
-def test_greedy_matches_reference(case):
+@given(batches(), st.data())
+def test_greedy_matches_reference(case, data):
     vocab, reqs, threshold, window, span, top_k = case
+    T = sum(len(r[0]) for r in reqs)
+    veto = data.draw(st.one_of(st.none(), st.lists(st.booleans(), min_size=T, max_size=T)))
     S = max([len(r[0]) for r in reqs] + [1])
     drafts = [d for r in reqs for d in r[0]]
     rows = [row for r in reqs for row in r[1]]
@@ -213,18 +233,19 @@ def test_greedy_matches_reference(case):
         window=torch.full((B,), window),
         window_span=torch.full((B,), span),
         entropy_top_k=top_k,
+        veto=None if veto is None else torch.tensor(veto, dtype=torch.bool),
     )
     rows_out = out.output_token_ids.tolist()
     start = 0
     for b, (d, lg) in enumerate(reqs):
+        n = len(d)
         want, loose = verify_request(
             d, lg, 100 + b, threshold=threshold, window=window, span=span,
-            top_k=top_k,
+            top_k=top_k, veto=None if veto is None else veto[start:start + n],
         )
         got = [t for t in rows_out[b] if t != PLACEHOLDER_TOKEN_ID]
         assert got == want
         assert rows_out[b][len(want):] == [PLACEHOLDER_TOKEN_ID] * (S + 1 - len(want))
-        n = len(d)
         got_loose = out.loose_accepted[start:start + n].tolist()[: len(loose)]
         assert got_loose == loose
         start += n

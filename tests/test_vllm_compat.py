@@ -143,3 +143,19 @@ def test_speculative_config_fields_we_rely_on(root):
     assert {"num_speculative_tokens", "model", "method", "prompt_lookup_max",
             "prompt_lookup_min", "rejection_sample_method",
             "draft_sample_method"} <= fields
+
+
+@pytest.mark.parametrize("root", roots())
+def test_per_request_hooks(root):
+    ip = module(root, "v1/engine/input_processor.py")
+    fn = method(ip, "InputProcessor", "_validate_params")
+    assert params(fn)[:2] == ["self", "params"]
+    assert "self.vllm_config = vllm_config" in ast.unparse(ip)
+    assert "VLLMValidationError" in ast.unparse(ip)
+    runner = ast.unparse(module(root, "v1/worker/gpu_model_runner.py"))
+    assert "self.requests: dict[str, CachedRequestState] = {}" in runner
+    assert "self.input_batch" in runner
+    sp = ast.unparse(module(root, "sampling_params.py"))
+    for attr in ("extra_args", "structured_outputs", "def all_stop_token_ids", "stop:"):
+        assert attr in sp, attr
+    assert "req_ids" in ast.unparse(module(root, "v1/worker/gpu_input_batch.py"))

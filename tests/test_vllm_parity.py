@@ -39,6 +39,10 @@ def make_sampler(strict: bool, threshold: float = 0.3, window: int = 2):
     from fly_vllm.verifier import fly_verify
 
     sampler._verify = fly_verify
+    sampler._runner = lambda: None
+    sampler._per_request = {}
+    sampler._tables = None
+    sampler.k = 8
     return sampler
 
 

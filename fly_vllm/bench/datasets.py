@@ -49,8 +49,13 @@ def gsm8k_answer(answer: str) -> str:
     return answer.rsplit("####", 1)[-1].strip().replace(",", "")
 
 
+def gsm8k_path(path: str | os.PathLike | None = None) -> Path:
+    """--data, else $FLY_VLLM_GSM8K, else the shared GSM8K-train file."""
+    return Path(path or os.environ.get("FLY_VLLM_GSM8K", GSM8K_DEFAULT))
+
+
 def load_gsm8k(limit: int | None, path: str | os.PathLike | None = None) -> list[Item]:
-    path = Path(path or os.environ.get("FLY_VLLM_GSM8K", GSM8K_DEFAULT))
+    path = gsm8k_path(path)
     if not path.exists():
         raise RuntimeError(f"GSM8K file {path} not found; pass --data FILE.jsonl")
     items = []
@@ -62,7 +67,8 @@ def load_gsm8k(limit: int | None, path: str | os.PathLike | None = None) -> list
             q = row["question"]
             items.append(Item("gsm8k", f"gsm8k-{i}", [{"role": "user", "content": (
                 f"{q}\nSolve it step by step, then give the final answer as a number "
-                "on the last line, after '####'.")}], gsm8k_answer(row["answer"])))
+                "on the last line, after '####'.")}], gsm8k_answer(row["answer"]),
+                meta={"solution": row["answer"]}))
     return items
 
 

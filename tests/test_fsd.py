@@ -1,0 +1,124 @@
+"""FSD's rule against a plain-Python reference, for each divergence and
+variant, with identical distributions and disjoint supports."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fly_vllm.fsd import DIVERGENCES, divergence, fsd_verify
+from fly_vllm.verifier import PLACEHOLDER_TOKEN_ID
+
+
+def ref_div(p, q, kind):
+    def kl(a, b):
+        total = 0.0
+        for x, y in zip(a, b):
+            if x > 0:
+                if y == 0:
+                    return math.inf
+                total += x * math.log(x / y)
+        return total
+
+    if kind == "js":
+        m = [(x + y) / 2 for x, y in zip(p, q)]
+        return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+    if kind == "kl_draft_target":
+        return kl(q, p)
+    if kind == "kl_target_draft":
+        return kl(p, q)
+    return 0.5 * sum(abs(x - y) for x, y in zip(p, q))
+
+
+def ref_request(drafts, P, Q, bonus, T, kind, variant, greedy=True, u=None, rec=None,
+                res=None):
+    for i, d in enumerate(drafts):
+        p, q = P[i], Q[i]
+        ok = ref_div(p, q, kind) <= T
+        if variant == "fallback":
+            if greedy:
+                ok = ok or d == max(range(len(p)), key=lambda j: (p[j], -j))
+            else:
+                ok = ok or (q[d] > 0 and p[d] / q[d] >= u[i])
+        if not ok:
+            argmax = max(range(len(p)), key=lambda j: (p[j], -j))
+            if greedy:
+                return drafts[:i] + [argmax]
+            return drafts[:i] + [res[i] if variant == "resample" else rec[i]]
+    return drafts + [bonus]
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_identical_distributions_always_accept(kind):
+    p = torch.softmax(torch.randn(5, 7), -1)
+    assert torch.allclose(divergence(p, p, kind), torch.zeros(5), atol=1e-6)
+    out, n_acc, _ = fsd_verify(torch.tensor([1, 2, 3, 4, 5]), torch.tensor([5]), p, p.clone(),
+                               torch.tensor([[9]]), 5, threshold=torch.tensor([0.0]),
+                               kind=kind)
+    assert out[0].tolist() == [1, 2, 3, 4, 5, 9] and n_acc.tolist() == [5]
+
+
+def test_disjoint_supports():
+    p = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    q = torch.tensor([[0.0, 0.0, 0.5, 0.5]])
+    assert divergence(p, q, "js").item() == pytest.approx(math.log(2))
+    assert divergence(p, q, "tv").item() == pytest.approx(1.0)
+    assert divergence(p, q, "kl_target_draft").item() == math.inf
+    assert divergence(p, q, "kl_draft_target").item() == math.inf
+    out, _, _ = fsd_verify(torch.tensor([2]), torch.tensor([1]), p, q, torch.tensor([[3]]),
+                           1, threshold=torch.tensor([0.69]), kind="js")
+    assert out[0].tolist() == [0, PLACEHOLDER_TOKEN_ID]  # rejected, argmax 0
+    out, _, _ = fsd_verify(torch.tensor([2]), torch.tensor([1]), p, q, torch.tensor([[3]]),
+                           1, threshold=torch.tensor([0.7]), kind="js")
+    assert out[0].tolist() == [2, 3]  # ln 2 <= 0.7: accepted though p(2) = 0
+
+
+def test_fallback_with_minus_inf_threshold_is_exact_speculation():
+    p = torch.softmax(torch.randn(4, 6), -1)
+    q = torch.softmax(torch.randn(4, 6), -1)
+    drafts = p.argmax(-1).clone()
+    drafts[2] = (drafts[2] + 1) % 6
+    out, _, _ = fsd_verify(drafts, torch.tensor([4]), p, q, torch.tensor([[7]]), 4,
+                           threshold=torch.tensor([-math.inf]), variant="fallback")
+    assert out[0].tolist() == drafts[:2].tolist() + [p[2].argmax().item(), -1, -1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_matches_reference(data):
+    V = data.draw(st.integers(2, 5))
+    n = data.draw(st.lists(st.integers(0, 4), min_size=1, max_size=3))
+    T_ = sum(n)
+    kind = data.draw(st.sampled_from(DIVERGENCES))
+    variant = data.draw(st.sampled_from(["resample", "fallback"]))
+    thr = data.draw(st.sampled_from([0.0, 0.05, 0.3, 0.7, 2.0]))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000)))
+    P = torch.softmax(torch.randn(T_, V, generator=g) * 2, -1)
+    Q = torch.softmax(torch.randn(T_, V, generator=g) * 2, -1)
+    P[torch.rand(T_, V, generator=g) < 0.2] = 0  # masked entries (top-k/top-p)
+    P[:, 0] += 1e-3
+    P = P / P.sum(-1, keepdim=True)
+    drafts = torch.randint(0, V, (T_,), generator=g)
+    greedy = data.draw(st.lists(st.booleans(), min_size=len(n), max_size=len(n)))
+    u = torch.rand(T_, generator=g, dtype=torch.float64)
+    rec = torch.randint(0, V, (T_,), generator=g)
+    res = torch.randint(0, V, (T_,), generator=g)
+    out, _, _ = fsd_verify(drafts, torch.tensor(n).cumsum(0), P, Q,
+                           torch.arange(100, 100 + len(n)).reshape(-1, 1), max(n + [1]),
+                           threshold=torch.full((len(n),), thr), kind=kind,
+                           variant=variant, is_greedy=torch.tensor(greedy),
+                           uniform_probs=u, recovered_token_ids=rec,
+                           resampled_token_ids=res)
+    start = 0
+    for b, k in enumerate(n):
+        sl = slice(start, start + k)
+        want = ref_request(drafts[sl].tolist(), P[sl].tolist(), Q[sl].tolist(), 100 + b,
+                           thr, kind, variant, greedy[b], u[sl].tolist(), rec[sl].tolist(),
+                           res[sl].tolist())
+        got = [t for t in out[b].tolist() if t != PLACEHOLDER_TOKEN_ID]
+        assert got == want
+        start += k
