@@ -107,3 +107,32 @@ def test_check_config_cli(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and "fly.window must be smaller" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_guard_flags():
+    _, fly = parse_fly_config({**BASE, "fly": {"guard_digits": True,
+                                               "guard_eos_stop": True}})
+    assert fly.guard_digits and fly.guard_eos_stop and not fly.guard_structured
+    with pytest.raises(FlyConfigError, match="fly.guard_structured must be true or false"):
+        parse_fly_config({**BASE, "fly": {"guard_structured": 1}})
+
+
+def test_request_overrides():
+    from fly_vllm.config import request_overrides
+
+    assert request_overrides(None, 8) == {}
+    assert request_overrides({"other": 1}, 8) == {}
+    assert request_overrides({"fly": {"strict": True, "window": 3}}, 8) == {
+        "strict": True, "window": 3}
+    # HTTP's vllm_xargs carries flat values, possibly as strings.
+    assert request_overrides({"fly_strict": "true", "fly_window": "2",
+                              "fly_entropy_threshold": "0.5"}, 8) == {
+        "strict": True, "window": 2, "entropy_threshold": 0.5}
+    for bad, words in [({"fly_window": 8}, "1..7 (K=8)"), ({"fly_window": 0}, "1..7"),
+                       ({"fly_window": "x"}, "window"), ({"fly_strict": 2}, "strict"),
+                       ({"fly_entropy_threshold": float("nan")}, "finite"),
+                       ({"fly_entropy_threshold": True}, "finite"),
+                       ({"fly": {"threshold": 1}}, "unknown per-request fly key 'threshold'"),
+                       ({"fly": 3}, "must be an object")]:
+        with pytest.raises(FlyConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            request_overrides(bad, 8)

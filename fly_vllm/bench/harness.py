@@ -252,6 +252,7 @@ def plot(out: Path, table: list[dict]) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     written = []
     temps = sorted({r["temperature"] for r in table})
@@ -295,6 +296,7 @@ def plot(out: Path, table: list[dict]) -> list[str]:
                 continue
             ax.plot(range(len(m["acceptance_per_position"])), m["acceptance_per_position"],
                     marker="o", label=f"{r['mode']} / {r['dataset']}")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set(title=f"acceptance by draft position, T={temp:g}", xlabel="position",
                ylabel="accepted / verification steps", ylim=(0, 1.05))
         ax.legend(fontsize=7)
