@@ -43,7 +43,8 @@ def server(tiny_pair):
     trace = d / "plugin-pids.txt"
     trace.unlink(missing_ok=True)
     port = free_port()
-    env = vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="1", FLY_VLLM_TRACE_FILE=str(trace))
+    env = vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="1", FLY_VLLM_TRACE_FILE=str(trace),
+                   VLLM_LOG_STATS_INTERVAL="1")
     log = open(d / "server.log", "w")
     proc = subprocess.Popen(serve_cmd(tiny_pair["target"], str(spec), port), cwd=ROOT,
                             env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -155,6 +156,9 @@ def test_stop_by_pid(server):
     proc = server["proc"]
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) is not None
+    # The periodic FLy line was logged beside vLLM's SpecDecoding line.
+    log = (SCRATCH / "server" / "server.log").read_text()
+    assert "FLy metrics: loose-accept rate" in log
 
 
 def test_bad_fly_json_exits_nonzero_with_clear_message(tiny_pair, tmp_path):
