@@ -125,3 +125,20 @@ def test_all_requests_without_drafts():
     got = fly_verify_triton(**args)
     assert got.output_token_ids[:, 0].tolist() == [4, 5, 6]
     assert_same(args)
+
+
+NATIVE = __import__("pathlib").Path(__file__).resolve().parent.parent / ".vllm033/vllm/v1/spec_decode/fly.py"
+
+
+@pytest.mark.skipif(not NATIVE.exists(), reason="run `make vllm033` for vLLM 0.33's fly.py")
+def test_kernel_benchmark_plumbing_smoke():
+    """The GPU benchmark's harness runs end to end on CPU (interpreter): it
+    loads vLLM 0.33's native pre-pass and prints the table. Timings are
+    meaningless here; the GPU run is what counts."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "benchmarks/bench_kernels.py", "--smoke"],
+                       cwd=NATIVE.parents[4], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| batch | K | vocab |" in r.stdout and "| 2 | 3 | 300 | float32 |" in r.stdout
