@@ -48,7 +48,7 @@ from fly_vllm.config import (
     parse_fly_config,
 )
 
-logger = logging.getLogger("fly_vllm")
+logger = logging.getLogger("vllm.fly_vllm")  # under vLLM's handler
 
 SUPPORTED_VLLM = ((0, 32), (0, 33))
 SUPPORTED_RANGE = ">=0.32,<0.34 (0.32.x and 0.33.x)"

@@ -19,7 +19,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from fly_vllm import metrics
 
-logger = logging.getLogger("fly_vllm")
+logger = logging.getLogger("vllm.fly_vllm")  # under vLLM's handler
 
 
 def format_line(delta: np.ndarray) -> str | None:

@@ -77,7 +77,8 @@ def test_small_benchmark_run(tiny_pair, tmp_path):
          "--drafter", tiny_pair["near"], "-k", "4", "--window", "2", "--threshold", "0",
          "--modes", "nospec,strict,fly,sweep", "--sweep-threshold", "0.5",
          "--sweep-window", "1", "--datasets", "gsm8k,mtbench", "--data", str(gsm),
-         "--limit", "2", "--max-tokens", "12", "--temperatures", "0", "--out", str(out)],
+         "--limit", "2", "--max-tokens", "12", "--temperatures", "0", "--out", str(out),
+         "--engine", '{"max_model_len": 512}'],
         cwd=ROOT, env=vllm_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())

@@ -44,7 +44,7 @@ def server(tiny_pair):
     trace.unlink(missing_ok=True)
     port = free_port()
     env = vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="1", FLY_VLLM_TRACE_FILE=str(trace),
-                   VLLM_LOG_STATS_INTERVAL="1")
+                   VLLM_LOG_STATS_INTERVAL="1", PYTHONUNBUFFERED="1")
     log = open(d / "server.log", "w")
     proc = subprocess.Popen(serve_cmd(tiny_pair["target"], str(spec), port), cwd=ROOT,
                             env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                     "concurrency": args.concurrency}
     counts = {d: sum(1 for it in items if it.dataset == d) for d in dict.fromkeys(
         it.dataset for it in items)}
-    settings.update(items=counts, max_tokens=args.max_tokens)
+    settings.update(items=counts, max_tokens=args.max_tokens, engine=args.engine)
     print(f"[fly-bench] {len(modes)} modes x {len(args.temperatures)} temperatures on "
           f"{counts}; writing {out}", file=sys.stderr, flush=True)
 
