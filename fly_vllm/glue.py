@@ -10,7 +10,7 @@ import functools
 import inspect
 import time
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -90,6 +90,16 @@ def select_verifier(device: torch.device):
     return fly_verify
 
 
+class RequestSettings(NamedTuple):
+    """One request's effective FLy settings (server defaults + overrides)."""
+
+    threshold: float  # +inf = strict
+    window: int
+    structured: bool
+    stop_ids: tuple[int, ...]
+    stop_strs: tuple[str, ...]
+
+
 class FlyRejectionSampler(RejectionSampler):
     """vLLM's RejectionSampler with FLy's acceptance rule.
 
@@ -138,12 +148,12 @@ class FlyRejectionSampler(RejectionSampler):
             rows.append((rid, getattr(st, "sampling_params", None)) if st else None)
         return rows + [None] * (batch - len(rows))
 
-    def _settings(self, row) -> tuple:
-        """(threshold, window, span, structured, stop_ids, stop_strs) for a row."""
+    def _settings(self, row) -> RequestSettings:
+        """The effective settings of one batch row (cached per request)."""
         fly = self.fly
         if row is None:
             thr = float("inf") if fly.strict else fly.entropy_threshold
-            return (thr, fly.window, None, False, (), ())
+            return RequestSettings(thr, fly.window, False, (), ())
         rid, sp = row
         cached = self._per_request.get(rid)
         if cached is not None:
@@ -154,27 +164,26 @@ class FlyRejectionSampler(RejectionSampler):
             ov = {}
         strict = ov.get("strict", fly.strict)
         thr = float("inf") if strict else ov.get("entropy_threshold", fly.entropy_threshold)
-        window = ov.get("window", fly.window)
-        structured = getattr(sp, "structured_outputs", None) is not None
-        stop_ids = tuple(getattr(sp, "all_stop_token_ids", None) or ())
         stops = getattr(sp, "stop", None) or ()
-        stop_strs = (stops,) if isinstance(stops, str) else tuple(stops)
-        out = (thr, window, None, structured, stop_ids, stop_strs)
+        out = RequestSettings(
+            threshold=thr,
+            window=ov.get("window", fly.window),
+            structured=getattr(sp, "structured_outputs", None) is not None,
+            stop_ids=tuple(getattr(sp, "all_stop_token_ids", None) or ()),
+            stop_strs=(stops,) if isinstance(stops, str) else tuple(stops),
+        )
         if len(self._per_request) > 4096:
             self._per_request.clear()
         self._per_request[rid] = out
         return out
 
-    def request_params(self, batch: int, device: torch.device, rows=None):
+    def request_params(self, settings: list[RequestSettings], device: torch.device):
         """Per-request threshold, window and span, [B] each."""
-        fly = self.fly
-        rows = rows if rows is not None else [None] * batch
-        settings = [self._settings(r) for r in rows]
-        thr = [s[0] for s in settings]
-        win = [s[1] for s in settings]
-        span = [w if fly.window_convention == "vllm" else w - 1 for w in win]
+        win = [st.window for st in settings]
+        span = [w if self.fly.window_convention == "vllm" else w - 1 for w in win]
         return (
-            torch.tensor(thr, dtype=torch.float32, device=device),
+            torch.tensor([st.threshold for st in settings], dtype=torch.float32,
+                         device=device),
             torch.tensor(win, dtype=torch.int64, device=device),
             torch.tensor(span, dtype=torch.int64, device=device),
         )
@@ -199,21 +208,19 @@ class FlyRejectionSampler(RejectionSampler):
                             tok.eos_token_id)
         return self._tables
 
-    def guard_masks(self, rows, draft_token_ids, cu_num_draft_tokens, target_logits):
+    def guard_masks(self, settings: list[RequestSettings], num_draft_tokens: list[int],
+                    draft_token_ids, target_logits):
         """Per-rule [T] bool masks of the guards that are on (dict)."""
         fly = self.fly
         if not (fly.guard_digits or fly.guard_structured or fly.guard_eos_stop):
             return {}
         device = target_logits.device
         T = draft_token_ids.shape[0]
-        n = torch.diff(cu_num_draft_tokens.long().cpu(),
-                       prepend=torch.zeros(1, dtype=torch.long)).tolist()
-        req_of = [b for b, k in enumerate(n) for _ in range(k)]
-        settings = [self._settings(r) for r in rows]
+        req_of = [b for b, k in enumerate(num_draft_tokens) for _ in range(k)]
         masks = {}
         if fly.guard_structured:
             masks["structured"] = torch.tensor(
-                [settings[b][3] for b in req_of], dtype=torch.bool, device=device)
+                [settings[b].structured for b in req_of], dtype=torch.bool, device=device)
         if fly.guard_digits or fly.guard_eos_stop:
             keys, texts, eos = self._token_tables()
             drafts = draft_token_ids.long().cpu().clamp(0, len(texts) - 1)
@@ -224,11 +231,11 @@ class FlyRejectionSampler(RejectionSampler):
             flags = []
             for i, b in enumerate(req_of):
                 d = int(drafts[i])
-                _, _, _, _, stop_ids, stop_strs = settings[b]
+                st = settings[b]
                 text = texts[d]
                 piece = text.strip()
-                flags.append(d == eos or d in stop_ids or any(
-                    s and (s in text or (piece and piece in s)) for s in stop_strs))
+                flags.append(d == eos or d in st.stop_ids or any(
+                    s and (s in text or (piece and piece in s)) for s in st.stop_strs))
             masks["eos_stop"] = torch.tensor(flags, dtype=torch.bool, device=device)
         assert all(m.shape[0] == T for m in masks.values())
         return masks
@@ -274,9 +281,9 @@ class FlyRejectionSampler(RejectionSampler):
                 draft_token_ids, draft_probs, target_probs, sm, device,
                 use_fp64_gumbel,
             )
-        rows = self._batch_requests(batch)
-        thr, window, span = self.request_params(batch, device, rows)
-        masks = self.guard_masks(rows, draft_token_ids, cu_num_draft_tokens,
+        settings = [self._settings(r) for r in self._batch_requests(batch)]
+        thr, window, span = self.request_params(settings, device)
+        masks = self.guard_masks(settings, num_draft_tokens, draft_token_ids,
                                  target_logits)
         veto = None
         for m in masks.values():
