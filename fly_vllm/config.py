@@ -162,6 +162,23 @@ def _vllm_speculative_keys() -> set[str] | None:
     return {f.name for f in dataclasses.fields(SpeculativeConfig)} - _INTERNAL_VLLM_KEYS
 
 
+def max_topk_entropy(k: int) -> float:
+    """The largest value the (unnormalised) top-k entropy can take, in nats:
+    ln k for k >= 3, k/e for k <= 2 (where -sum p log p over k probabilities
+    summing to at most 1 peaks at p = 1/e). A threshold above it gates every
+    mismatch, which is strict verification in disguise."""
+    return math.log(k) if k >= 3 else k / math.e
+
+
+def _check_threshold(value: float, top_k: int, where: str) -> None:
+    ceiling = max_topk_entropy(top_k)
+    if value > ceiling:
+        raise FlyConfigError(
+            f"{where} entropy_threshold {value!r} is above {ceiling:.4g}, the largest "
+            f"top-{top_k} entropy there is, so every mismatch would be gated; "
+            f"allowed 0..{ceiling:.4g} (use strict: true for exact verification)")
+
+
 def _check_number(
     key: str, value: Any, *, kind: type, lo: float, hi: float | None = None
 ) -> None:
@@ -265,6 +282,7 @@ def parse_fly_config(spec: dict[str, Any]) -> tuple[dict[str, Any], FlyConfig]:
     _check_number("entropy_threshold", threshold, kind=float, lo=0)
     top_k = block.get("entropy_top_k", FlyConfig.entropy_top_k)
     _check_number("entropy_top_k", top_k, kind=int, lo=1, hi=MAX_ENTROPY_TOP_K)
+    _check_threshold(threshold, top_k, "fly.")
     window = block.get("window", min(DEFAULT_WINDOW, k - 1))
     _check_number("window", window, kind=int, lo=1)
     if window >= k:
@@ -321,14 +339,16 @@ def _as_bool(key: str, v: Any) -> bool:
     raise FlyConfigError(f"per-request fly {key} must be true or false; got {v!r}")
 
 
-def request_overrides(extra_args: dict[str, Any] | None, k: int) -> dict[str, Any]:
+def request_overrides(extra_args: dict[str, Any] | None, k: int,
+                      top_k: int = 3) -> dict[str, Any]:
     """Validate a request's own FLy settings.
 
     They come from ``SamplingParams.extra_args``, either as a ``"fly"`` dict
     (offline) or as flat ``fly_<key>`` entries (the OpenAI server's
     ``vllm_xargs``, which takes flat values only). Keys: ``strict`` (true:
-    exact verification for this request), ``entropy_threshold`` (>= 0) and
-    ``window`` (1..K-1). Returns the overrides as a dict (empty if none).
+    exact verification for this request), ``entropy_threshold`` (0 up to
+    the largest top-k entropy, `max_topk_entropy(top_k)`, with `top_k` the
+    server's) and ``window`` (1..K-1). Returns the overrides as a dict (empty if none).
 
     Raises:
         FlyConfigError: an unknown key, a wrong type or a value out of range.
@@ -363,6 +383,7 @@ def request_overrides(extra_args: dict[str, Any] | None, k: int) -> dict[str, An
                 raise FlyConfigError(
                     f"per-request fly entropy_threshold must be a finite number >= 0; "
                     f"got {v!r}")
+            _check_threshold(float(v), top_k, "per-request fly")
             out[key] = float(v)
         else:
             if isinstance(v, str) and v.isdigit():

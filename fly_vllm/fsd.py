@@ -74,7 +74,7 @@ def fsd_verify(
         raise ValueError(f"unknown FSD variant {variant!r}; choose from {VARIANTS}")
     device = target_probs.device
     T, V = target_probs.shape
-    B, S = cu_num_draft_tokens.shape[0], max_spec_len
+    S = max_spec_len
     req, pos, n = token_layout(cu_num_draft_tokens, T)
     draft = draft_token_ids.long()
     valid = (draft >= 0) & (draft < V)

@@ -159,7 +159,8 @@ class FlyRejectionSampler(RejectionSampler):
         if cached is not None:
             return cached
         try:
-            ov = request_overrides(getattr(sp, "extra_args", None), self.k)
+            ov = request_overrides(getattr(sp, "extra_args", None), self.k,
+                                   fly.entropy_top_k)
         except FlyConfigError:  # validated by the front-end; be safe anyway
             ov = {}
         strict = ov.get("strict", fly.strict)

@@ -267,7 +267,7 @@ def _patch_input_processor_module(mod) -> None:
                         "per-request fly settings need a server started with "
                         "\"method\": \"fly\" in --speculative-config")
                 try:
-                    request_overrides(extra, spec.num_speculative_tokens)
+                    request_overrides(extra, spec.num_speculative_tokens, fly.entropy_top_k)
                 except FlyConfigError as e:
                     raise VLLMValidationError(str(e)) from None
             return result

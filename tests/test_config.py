@@ -58,6 +58,9 @@ def test_paper_convention_checks_w_minus_one():
         ({**BASE, "fly": {"window": 0}}, ["fly.window", ">= 1"]),
         ({**BASE, "fly": {"entropy_threshold": -0.1}}, ["fly.entropy_threshold", ">= 0"]),
         ({**BASE, "fly": {"entropy_threshold": "high"}}, ["fly.entropy_threshold"]),
+        ({**BASE, "fly": {"entropy_threshold": 1.2}}, ["above 1.099", "strict: true"]),
+        ({**BASE, "fly": {"entropy_threshold": 0.8, "entropy_top_k": 2}},
+         ["above 0.7358", "top-2"]),
         ({**BASE, "fly": {"entropy_top_k": 9}}, ["fly.entropy_top_k", "between 1 and 8"]),
         ({**BASE, "fly": {"strict": "yes"}}, ["fly.strict", "true or false"]),
         ({**BASE, "fly": {"window_convention": "x"}}, ["fly.window_convention", "paper"]),
@@ -133,6 +136,7 @@ def test_request_overrides():
                        ({"fly_entropy_threshold": float("nan")}, "finite"),
                        ({"fly_entropy_threshold": True}, "finite"),
                        ({"fly": {"threshold": 1}}, "unknown per-request fly key 'threshold'"),
-                       ({"fly": 3}, "must be an object")]:
+                       ({"fly": 3}, "must be an object"),
+                       ({"fly_entropy_threshold": 1e30}, "above 1.099, the largest top-3")]:
         with pytest.raises(FlyConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
             request_overrides(bad, 8)

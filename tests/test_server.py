@@ -6,30 +6,24 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 
 import pytest
 import requests
 
+from fly_vllm.bench import server as bench_server
+from fly_vllm.bench.server import free_port
 from tests.conftest import ROOT, SCRATCH, vllm_env
 
 pytestmark = pytest.mark.server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SERVER_ARGS = ("--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
+               "--max-num-seqs", "8")
 
 
 def serve_cmd(model: str, spec_path: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "fly_vllm.cli", "serve", model,
-            "--speculative-config", spec_path, "--host", "127.0.0.1",
-            "--port", str(port), "--enforce-eager", "--dtype", "float32",
-            "--max-model-len", "512", "--max-num-seqs", "8"]
+    return bench_server.serve_cmd(model, spec_path, port, *SERVER_ARGS)
 
 
 @pytest.fixture(scope="module")
@@ -42,35 +36,11 @@ def server(tiny_pair):
         "fly": {"entropy_threshold": 0.0, "window": 2}}))
     trace = d / "plugin-pids.txt"
     trace.unlink(missing_ok=True)
-    port = free_port()
     env = vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="1", FLY_VLLM_TRACE_FILE=str(trace),
-                   VLLM_LOG_STATS_INTERVAL="1", PYTHONUNBUFFERED="1")
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen(serve_cmd(tiny_pair["target"], str(spec), port), cwd=ROOT,
-                            env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    try:
-        while True:
-            assert proc.poll() is None, (d / "server.log").read_text()[-4000:]
-            assert time.time() < deadline, "server did not become healthy in 300 s"
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        yield {"base": base, "proc": proc, "trace": trace, "model": tiny_pair["target"]}
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
+                   VLLM_LOG_STATS_INTERVAL="1")
+    with bench_server.launched(tiny_pair["target"], str(spec), d / "server.log",
+                               *SERVER_ARGS, env=env) as srv:
+        yield {"base": srv.base, "proc": srv.proc, "trace": trace, "model": srv.model}
 
 
 def metric(text: str, name: str) -> float:

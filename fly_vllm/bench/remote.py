@@ -44,13 +44,21 @@ def parse_metrics(text: str) -> dict:
     return out
 
 
-def _metrics(base: str) -> dict:
+def fetch_metrics(base: str) -> dict | None:
+    """Parsed ``/metrics`` of the server at `base`, or None where it has none."""
     import requests
 
-    return parse_metrics(requests.get(base.rstrip("/") + "/metrics", timeout=30).text)
+    try:
+        r = requests.get(base.rstrip("/") + "/metrics", timeout=30)
+    except requests.RequestException:
+        return None
+    return parse_metrics(r.text) if r.status_code == 200 else None
 
 
-def _one(client, model: str, req: dict) -> dict:
+def stream_chat(client, model: str, req: dict, extra_body: dict | None = None,
+                timeout: float | None = None) -> dict:
+    """One streamed chat completion: its text, output tokens (from the usage
+    chunk), end-to-end latency and time to first token, in seconds."""
     t0 = time.perf_counter()
     ttft = None
     pieces: list[str] = []
@@ -58,7 +66,7 @@ def _one(client, model: str, req: dict) -> dict:
     stream = client.chat.completions.create(
         model=model, messages=req["messages"], max_tokens=req["max_tokens"],
         temperature=req["temperature"], seed=req.get("seed"), stream=True,
-        stream_options={"include_usage": True})
+        stream_options={"include_usage": True}, extra_body=extra_body, timeout=timeout)
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             if ttft is None:
@@ -83,12 +91,12 @@ def run_remote(base_url: str, model: str, requests_: list[dict], concurrency: in
     t_all = time.perf_counter()
     for g in groups:
         todo = [r for r in requests_ if r.get("group", "all") == g]
-        before = _metrics(base_url)
+        before = fetch_metrics(base_url) or {}
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            for i, res in enumerate(pool.map(lambda r: _one(client, model, r), todo), 1):
+            for i, res in enumerate(pool.map(lambda r: stream_chat(client, model, r), todo), 1):
                 results.append(res)
                 print(f"{PROGRESS}    {g}: {i}/{len(todo)} requests done"[len(PROGRESS):],
                       file=sys.stderr, flush=True)
-        group_counters[g] = counter_delta(_metrics(base_url), before)
+        group_counters[g] = counter_delta(fetch_metrics(base_url) or {}, before)
     return {"elapsed": time.perf_counter() - t_all, "results": results,
             "group_counters": group_counters}
