@@ -14,7 +14,9 @@ patch checks that the vLLM symbol it wraps exists (supported: 0.32.x, 0.33.x):
 3. ``VllmConfig.use_v2_model_runner``: FLy runs on model runner V1 (the one
    vLLM uses for draft_model and ngram on 0.32; 0.33 would otherwise pick V2).
 4. ``InputProcessor._validate_params``: per-request FLy settings
-   (``SamplingParams.extra_args``) are validated in the front-end (HTTP 400).
+   (``SamplingParams.extra_args``) are validated in the front-end (HTTP 400);
+   for OpenAI requests, already in ``ChatCompletionRequest`` and
+   ``CompletionRequest.to_sampling_params``, before a stream starts.
 5. ``GPUModelRunner.__init__`` (and so ``CPUModelRunner``): its
    ``rejection_sampler`` becomes a :class:`FlyRejectionSampler`.
 6. ``vllm.v1.sample.rejection_sampler.rejection_sample``: a dispatcher that
@@ -22,7 +24,7 @@ patch checks that the vLLM symbol it wraps exists (supported: 0.32.x, 0.33.x):
    and to vLLM's function otherwise. vLLM's own ``RejectionSampler.forward``
    (bonus token, penalties, bad words, grammar masks, logprobs) stays in use.
 
-Patches 4 to 6 live in heavy vLLM modules; they are patched when vLLM first
+Patches 4 to 6 live in heavy vLLM modules (or the OpenAI server's); they are patched when vLLM first
 imports them (or at once if already imported), so the front-end process does
 not import the model runner just to load the plugin.
 """
@@ -124,10 +126,15 @@ def _patch_engine_args() -> None:
             spec = self.speculative_config
             if isinstance(spec, str):
                 spec = self.speculative_config = load_speculative_config(spec)
+            _SERVED.clear()
             if is_fly(spec):
                 if self.additional_config is None:
                     self.additional_config = {}
                 self.speculative_config = _translate(spec, self.additional_config)
+                _SERVED.update(fly=FlyConfig.from_dict(self.additional_config[
+                    ADDITIONAL_CONFIG_KEY]), k=self.speculative_config["num_speculative_tokens"])
+            else:
+                _SERVED.update(fly=None, k=None)
             return original(self, *args, **kwargs)
 
         return create_speculative_config
@@ -247,29 +254,43 @@ def _patch_model_runner_module(mod) -> None:
     _wrap(runner_cls, "_dummy_sampler_run", make_dummy)
 
 
-def _patch_input_processor_module(mod) -> None:
-    """Per-request FLy settings are checked in the front-end, so a bad value
-    is the client's error (HTTP 400) and never reaches the engine."""
+# The FLy config of the engine this process configured (set where the
+# engine's config is built, so in the API server of `vllm serve`): the
+# front-end checks per-request settings against it before a stream starts.
+_SERVED: dict[str, Any] = {}
+
+
+def _check_request_fly(extra: dict | None, fly: FlyConfig | None, k: int | None) -> None:
+    """Raise vLLM's validation error (HTTP 400) for bad per-request FLy
+    settings in a request's ``extra_args`` (``vllm_xargs``)."""
     from vllm.exceptions import VLLMValidationError
 
     from fly_vllm.config import request_overrides
+
+    if not extra or not ("fly" in extra or any(key.startswith("fly_") for key in extra)):
+        return
+    if fly is None or k is None:
+        raise VLLMValidationError(
+            "per-request fly settings need a server started with "
+            "\"method\": \"fly\" in --speculative-config")
+    try:
+        request_overrides(extra, k, fly.entropy_top_k)
+    except FlyConfigError as e:
+        raise VLLMValidationError(str(e)) from None
+
+
+def _patch_input_processor_module(mod) -> None:
+    """Per-request FLy settings are checked in the front-end, so a bad value
+    is the client's error (HTTP 400) and never reaches the engine."""
 
     def make(original):
         @functools.wraps(original)
         def _validate_params(self, params, *args, **kwargs):
             result = original(self, params, *args, **kwargs)
-            extra = getattr(params, "extra_args", None)
-            if extra and ("fly" in extra or any(k.startswith("fly_") for k in extra)):
-                fly = fly_config_of(self.vllm_config)
-                spec = getattr(self.vllm_config, "speculative_config", None)
-                if fly is None or spec is None:
-                    raise VLLMValidationError(
-                        "per-request fly settings need a server started with "
-                        "\"method\": \"fly\" in --speculative-config")
-                try:
-                    request_overrides(extra, spec.num_speculative_tokens, fly.entropy_top_k)
-                except FlyConfigError as e:
-                    raise VLLMValidationError(str(e)) from None
+            spec = getattr(self.vllm_config, "speculative_config", None)
+            _check_request_fly(getattr(params, "extra_args", None),
+                               fly_config_of(self.vllm_config),
+                               spec.num_speculative_tokens if spec is not None else None)
             return result
 
         return _validate_params
@@ -277,7 +298,31 @@ def _patch_input_processor_module(mod) -> None:
     _wrap(mod.InputProcessor, "_validate_params", make)
 
 
+def _patch_protocol_module(mod) -> None:
+    """OpenAI requests: check per-request FLy settings when the request is
+    turned into sampling parameters, before any response starts, so a
+    streamed request gets an HTTP 400 too (the engine-side check above would
+    come after the stream's 200, as an error event)."""
+
+    def make(original):
+        @functools.wraps(original)
+        def to_sampling_params(self, *args, **kwargs):
+            params = original(self, *args, **kwargs)
+            if _SERVED:  # only where this process configured the engine
+                _check_request_fly(getattr(params, "extra_args", None), _SERVED["fly"],
+                                   _SERVED["k"])
+            return params
+
+        return to_sampling_params
+
+    for cls in ("ChatCompletionRequest", "CompletionRequest"):
+        if hasattr(mod, cls):
+            _wrap(getattr(mod, cls), "to_sampling_params", make)
+
+
 _LAZY_PATCHES = {
+    "vllm.entrypoints.openai.chat_completion.protocol": _patch_protocol_module,
+    "vllm.entrypoints.openai.completion.protocol": _patch_protocol_module,
     "vllm.v1.engine.input_processor": _patch_input_processor_module,
     "vllm.v1.sample.rejection_sampler": _patch_rejection_sampler_module,
     "vllm.v1.worker.gpu_model_runner": _patch_model_runner_module,

@@ -96,6 +96,11 @@ def test_file_path_inline_json_and_comments(tmp_path):
 def test_every_shipped_config_is_valid(path):
     spec = load_speculative_config(str(path))
     parse_fly_config(spec)
+    # Each says where it comes from and what it runs on, in its comment.
+    comment = "\n".join(line for line in path.read_text().splitlines()
+                        if line.lstrip().startswith("//")).lower()
+    assert "hardware" in comment and ("source" in comment or "paper" in comment
+                                      or "demo" in comment), path.name
 
 
 def test_check_config_cli(tmp_path):

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 import requests
@@ -123,12 +124,17 @@ def test_bad_per_request_settings_get_400_and_the_server_keeps_serving(server):
 
 
 def test_stop_by_pid(server):
+    # The periodic FLy line is logged beside vLLM's SpecDecoding line, on the
+    # stats interval (1 s here) after the requests above; wait for it, bounded.
+    log = SCRATCH / "server" / "server.log"
+    for _ in range(60):
+        if "FLy metrics: loose-accept rate" in log.read_text():
+            break
+        time.sleep(0.5)
     proc = server["proc"]
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) is not None
-    # The periodic FLy line was logged beside vLLM's SpecDecoding line.
-    log = (SCRATCH / "server" / "server.log").read_text()
-    assert "FLy metrics: loose-accept rate" in log
+    assert "FLy metrics: loose-accept rate" in log.read_text()
 
 
 def test_bad_fly_json_exits_nonzero_with_clear_message(tiny_pair, tmp_path):

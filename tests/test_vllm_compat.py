@@ -53,7 +53,7 @@ def params(fn: ast.FunctionDef) -> list[str]:
 def method(tree, cls: str, name: str) -> ast.FunctionDef:
     c = find(tree, cls, ast.ClassDef)
     for node in c.body:
-        if isinstance(node, ast.FunctionDef) and node.name == name:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
             return node
     raise AssertionError(f"{cls}.{name} not found")
 
@@ -159,3 +159,14 @@ def test_per_request_hooks(root):
     for attr in ("extra_args", "structured_outputs", "def all_stop_token_ids", "stop:"):
         assert attr in sp, attr
     assert "req_ids" in ast.unparse(module(root, "v1/worker/gpu_input_batch.py"))
+    # The OpenAI front-end turns a request into SamplingParams (vllm_xargs into
+    # extra_args) before it starts the engine's generator, so a check there
+    # can answer 400 even for a streamed request.
+    for kind, cls, handler in [("chat_completion", "ChatCompletionRequest", "OpenAIServingChat"),
+                               ("completion", "CompletionRequest", "OpenAIServingCompletion")]:
+        proto = module(root, f"entrypoints/openai/{kind}/protocol.py")
+        assert params(method(proto, cls, "to_sampling_params"))[0] == "self"
+        assert "vllm_xargs" in ast.unparse(find(proto, cls, ast.ClassDef))
+        body = ast.unparse(find(module(root, f"entrypoints/openai/{kind}/serving.py"),
+                                handler, ast.ClassDef))
+        assert body.index("to_sampling_params(") < body.index("engine_client.generate(")

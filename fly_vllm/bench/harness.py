@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -192,7 +193,7 @@ def environment(args) -> dict:
     except (OSError, StopIteration):
         pass
     return {
-        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu}",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

@@ -266,11 +266,12 @@ def plot(out: Path, result: dict) -> str:
     for name in dict.fromkeys(r["endpoint"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["endpoint"] == name]
         xs = [r["concurrency"] for r in rows]
-        a.plot(xs, [r["output_tok_s"] for r in rows], "o-", label=name)
-        p50 = [r["tpot_ms"]["p50"] for r in rows]
-        p90 = [r["tpot_ms"]["p90"] for r in rows]
-        b.plot(xs, p50, "o-", label=f"{name} p50")
-        b.plot(xs, p90, "x--", alpha=0.6, label=f"{name} p90")
+        (line,) = a.plot(xs, [r["output_tok_s"] for r in rows], "o-", label=name)
+        color = line.get_color()
+        b.plot(xs, [r["tpot_ms"]["p50"] for r in rows], "o-", color=color,
+               label=f"{name} p50")
+        b.plot(xs, [r["tpot_ms"]["p90"] for r in rows], "x--", color=color, alpha=0.5,
+               label=f"{name} p90")
     for ax, title in ((a, "output tokens/s"), (b, "time per output token (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("requests in flight (concurrency)")
