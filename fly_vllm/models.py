@@ -60,7 +60,7 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
-    _log(f"converting {gguf.name} -> {out} (once; about a minute)")
+    _log(f"converting {gguf.name} -> {out} (once; a minute for SmolLM2, a few for 1B+)")
     _log("  1/3 reading the tokenizer")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     _log("  2/3 dequantising the weights")

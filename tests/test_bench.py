@@ -43,6 +43,18 @@ def test_lcs_and_intervals():
     assert scoring.ratio_ci([1, 1, 0, 1], [1, 1, 1, 1]) == pytest.approx((0.25, 1.0), abs=0.26)
 
 
+def test_paired_flips_and_mcnemar():
+    assert scoring.mcnemar_exact(0, 0) == 1.0
+    assert scoring.mcnemar_exact(5, 0) == pytest.approx(2 / 32)
+    assert scoring.mcnemar_exact(0, 10) == scoring.mcnemar_exact(10, 0) == pytest.approx(2 / 1024)
+    assert scoring.mcnemar_exact(3, 3) == 1.0
+    # Paired by item id, whatever the order each run finished in.
+    base = {"a": 1.0, "b": 1.0, "c": 0.0, "d": 0.0, "e": 1.0}
+    mode = {"e": 1.0, "d": 1.0, "c": 0.0, "b": 0.0, "a": 0.0, "z": 1.0}
+    assert scoring.paired(mode, base) == {"n": 5, "right_to_wrong": 2, "wrong_to_right": 1,
+                                          "mcnemar_p": 1.0}
+
+
 def test_dataset_loaders():
     for name in ("humaneval", "mtbench", "sharegpt"):
         items = ds.load(name, 3)

@@ -13,7 +13,9 @@ Per mode and dataset the report gives tokens/s, time per output token
 (median and interquartile range over requests), mean accepted length,
 loose-accept rate, task accuracy (GSM8K final answer; HumanEval pass@1, run
 sandboxed) with a 95% bootstrap interval, retention (accuracy over the
-target's, paired bootstrap interval) and agreement with the target's own
+target's, paired bootstrap interval), the paired flips on the same items
+(right to wrong, wrong to right, McNemar's exact p) and agreement with the
+target's own
 output (GSM8K: same final answer; all: token LCS ratio). Files written to
 --out: report.md, results.json, raw/*.json (per run, reused on resume),
 speedup_vs_retention.png, acceptance_per_position.png.
@@ -139,6 +141,7 @@ def score_run(run: dict, items: dict[str, ds.Item], target: dict | None,
                     if key not in sandbox_cache:
                         sandbox_cache[key] = scoring.humaneval_passes(it.reference, r["text"])
                     correct.append(float(sandbox_cache[key]))
+            m["correct_by_id"] = {r["id"]: c for r, c in zip(res, correct)}
             m["accuracy"] = sum(correct) / len(correct)
             m["accuracy_ci"] = scoring.bootstrap_ci(correct)
             m["correct"] = correct
@@ -171,9 +174,14 @@ def add_relative(metrics: dict, base: dict) -> None:
         if not b:
             continue
         m["speedup"] = m["tok_s"] / b["tok_s"] if b["tok_s"] else None
-        if "correct" in m and "correct" in b and sum(b["correct"]) > 0:
-            m["retention"] = m["accuracy"] / b["accuracy"]
-            m["retention_ci"] = scoring.ratio_ci(m["correct"], b["correct"])
+        if "correct_by_id" in m and "correct_by_id" in b:
+            ids = [i for i in b["correct_by_id"] if i in m["correct_by_id"]]
+            mine = [m["correct_by_id"][i] for i in ids]
+            theirs = [b["correct_by_id"][i] for i in ids]
+            m["paired"] = scoring.paired(m["correct_by_id"], b["correct_by_id"])
+            if sum(theirs) > 0:
+                m["retention"] = sum(mine) / sum(theirs)
+                m["retention_ci"] = scoring.ratio_ci(mine, theirs)
 
 
 def environment(args) -> dict:
@@ -214,6 +222,13 @@ def _ci(m, key, f="{:.2f}"):
     return f"{_fmt(m[key], f)} [{_fmt(lo, f)}, {_fmt(hi, f)}]"
 
 
+def _flips(m: dict) -> str:
+    f = m.get("paired")
+    if not f:
+        return "–"
+    return f"{f['right_to_wrong']} / {f['wrong_to_right']} (p={f['mcnemar_p']:.2g})"
+
+
 def write_report(out: Path, env: dict, settings: dict, table: list[dict]) -> None:
     lines = ["# fly-vllm benchmark", "",
              f"- command: `{env['command']}`", f"- date: {env['date']}",
@@ -223,15 +238,18 @@ def write_report(out: Path, env: dict, settings: dict, table: list[dict]) -> Non
              "One run per mode on a shared machine: read tok/s as a ratio within this "
              "run. TPOT = time per output token, median [p25, p75] over requests. "
              "Accuracy and agreement carry 95% bootstrap intervals; retention = "
-             "accuracy / no-spec accuracy (paired bootstrap). Agreement (LCS) = token "
+             "accuracy / no-spec accuracy (paired bootstrap). Flips: items right with "
+             "no speculation and wrong with the mode, and the reverse, with McNemar's "
+             "exact p-value. Agreement (LCS) = token "
              "longest-common-subsequence ratio against the no-spec output at the same "
              "temperature; at temperature 1 the two are independent samples, so it "
              "measures drift only loosely.", ""]
     for temp in sorted({r["temperature"] for r in table}):
         lines += [f"## temperature {temp:g}", "",
                   "| dataset | mode | tok/s | speed-up | TPOT ms | mean acc. len | loose rate "
-                  "| accuracy | retention | answer agreement | agreement (LCS) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| accuracy | retention | flips r→w / w→r (McNemar p) | answer agreement "
+                  "| agreement (LCS) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in table:
             if r["temperature"] != temp:
                 continue
@@ -242,7 +260,7 @@ def write_report(out: Path, env: dict, settings: dict, table: list[dict]) -> Non
                 f"{_fmt(m.get('speedup'))}x | {_fmt(q[1], '{:.1f}')} [{_fmt(q[0], '{:.1f}')}, "
                 f"{_fmt(q[2], '{:.1f}')}] | {_fmt(m['mean_accepted_length'])} | "
                 f"{_fmt(m['loose_rate'], '{:.1%}')} | {_ci(m, 'accuracy')} | "
-                f"{_ci(m, 'retention')} | {_ci(m, 'answer_agreement')} | "
+                f"{_ci(m, 'retention')} | {_flips(m)} | {_ci(m, 'answer_agreement')} | "
                 f"{_ci(m, 'agreement_lcs')} |")
         lines.append("")
     (out / "report.md").write_text("\n".join(lines))

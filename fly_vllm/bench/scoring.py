@@ -8,6 +8,7 @@ empty temporary folder, with a time limit, an address-space limit, and, where
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -118,3 +119,24 @@ def ratio_ci(num: Sequence[float], den: Sequence[float], n_boot: int = 2000,
     if not ratios:
         return (float("nan"), float("nan"))
     return ratios[int(alpha / 2 * len(ratios))], ratios[int((1 - alpha / 2) * len(ratios)) - 1]
+
+
+def mcnemar_exact(right_to_wrong: int, wrong_to_right: int) -> float:
+    """Two-sided exact McNemar p-value: the binomial test of the discordant
+    pairs against an even split (1.0 when there are none)."""
+    n = right_to_wrong + wrong_to_right
+    if n == 0:
+        return 1.0
+    k = min(right_to_wrong, wrong_to_right)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(mode: dict[str, float], base: dict[str, float]) -> dict:
+    """Paired comparison of per-item correctness (item id -> 0/1) on the
+    items both runs scored: flips each way and McNemar's exact p."""
+    ids = [i for i in base if i in mode]
+    r2w = sum(1 for i in ids if base[i] and not mode[i])
+    w2r = sum(1 for i in ids if mode[i] and not base[i])
+    return {"n": len(ids), "right_to_wrong": r2w, "wrong_to_right": w2r,
+            "mcnemar_p": mcnemar_exact(r2w, w2r)}
