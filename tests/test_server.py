@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from fly_vllm.bench import server as bench_server
+from fly_vllm.bench.robustness import metric_sum as metric
 from fly_vllm.bench.server import free_port
 from tests.conftest import ROOT, SCRATCH, vllm_env
 
@@ -42,14 +43,6 @@ def server(tiny_pair):
     with bench_server.launched(tiny_pair["target"], str(spec), d / "server.log",
                                *SERVER_ARGS, env=env) as srv:
         yield {"base": srv.base, "proc": srv.proc, "trace": trace, "model": srv.model}
-
-
-def metric(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_openai_endpoints_and_metrics(server):

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from fly_vllm.bench import datasets as ds
 from fly_vllm.bench import scoring
+from fly_vllm.bench.offline import acceptance
 
 DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 DEFAULT_WINDOWS = (3, 4, 5, 6, 7, 8)
@@ -118,16 +119,12 @@ def score_run(run: dict, items: dict[str, ds.Item], target: dict | None,
         tpot = [l / max(n, 1) * 1000 for l, n in zip(lat, ntok)]
         tok_s = [n / l for n, l in zip(ntok, lat) if l > 0]
         drafts = counters.get("vllm:spec_decode_num_drafts", 0)
-        accepted = counters.get("vllm:spec_decode_num_accepted_tokens", 0)
-        drafted = counters.get("vllm:fly_draft_tokens", 0)
         per_pos = counters.get("vllm:spec_decode_num_accepted_tokens_per_pos", [])
         m = {
             "n": len(res), "tokens": sum(ntok), "time_s": sum(lat),
             "tok_s": sum(ntok) / sum(lat) if sum(lat) else float("nan"),
             "tok_s_q": _quantiles(tok_s), "tpot_ms_q": _quantiles(tpot),
-            "mean_accepted_length": 1 + accepted / drafts if drafts else None,
-            "loose_rate": (counters.get("vllm:fly_loose_accepted_tokens", 0) / drafted
-                           if drafted else None),
+            **acceptance(counters),
             "acceptance_per_position": [a / drafts for a in per_pos] if drafts else [],
         }
         correct = []
@@ -144,7 +141,6 @@ def score_run(run: dict, items: dict[str, ds.Item], target: dict | None,
             m["correct_by_id"] = {r["id"]: c for r, c in zip(res, correct)}
             m["accuracy"] = sum(correct) / len(correct)
             m["accuracy_ci"] = scoring.bootstrap_ci(correct)
-            m["correct"] = correct
         agree, same_answer = [], []
         for r in res:
             t = tgt.get(r["id"])
@@ -175,9 +171,7 @@ def add_relative(metrics: dict, base: dict) -> None:
             continue
         m["speedup"] = m["tok_s"] / b["tok_s"] if b["tok_s"] else None
         if "correct_by_id" in m and "correct_by_id" in b:
-            ids = [i for i in b["correct_by_id"] if i in m["correct_by_id"]]
-            mine = [m["correct_by_id"][i] for i in ids]
-            theirs = [b["correct_by_id"][i] for i in ids]
+            mine, theirs = scoring.aligned(m["correct_by_id"], b["correct_by_id"])
             m["paired"] = scoring.paired(m["correct_by_id"], b["correct_by_id"])
             if sum(theirs) > 0:
                 m["retention"] = sum(mine) / sum(theirs)

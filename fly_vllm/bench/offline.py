@@ -53,6 +53,22 @@ def counter_delta(after: dict, before: dict) -> dict:
     return delta
 
 
+def acceptance(counters: dict) -> dict:
+    """Mean accepted length, acceptance rate (accepted over drafted tokens)
+    and FLy's loose-accept rate (loose accepts over drafted tokens) from
+    counter deltas; None where nothing was drafted."""
+    drafts = counters.get("vllm:spec_decode_num_drafts", 0)
+    drafted = counters.get("vllm:spec_decode_num_draft_tokens", 0)
+    accepted = counters.get("vllm:spec_decode_num_accepted_tokens", 0)
+    fly_drafted = counters.get("vllm:fly_draft_tokens", 0)
+    return {
+        "mean_accepted_length": 1 + accepted / drafts if drafts else None,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "loose_rate": (counters.get("vllm:fly_loose_accepted_tokens", 0) / fly_drafted
+                       if fly_drafted else None),
+    }
+
+
 def _worker(job: dict) -> dict:
     from vllm import LLM, SamplingParams
 

@@ -140,12 +140,18 @@ def output_tokens(outcome: dict) -> int | None:
     return usage.get("completion_tokens") if usage else None
 
 
-def metric_sum(base: str, name: str, labels: str = "") -> float | None:
-    """Sum of a Prometheus series of the server (None without /metrics)."""
+def scrape(base: str) -> str | None:
+    """The server's Prometheus text (None without /metrics)."""
     try:
-        text = requests.get(base + "/metrics", timeout=10).text
+        r = requests.get(base + "/metrics", timeout=10)
     except requests.RequestException:
         return None
+    return r.text if r.status_code == 200 else None
+
+
+def metric_sum(text: str, name: str, labels: str = "") -> float | None:
+    """Sum of the series `name` in Prometheus `text` whose labels contain
+    `labels` (None if there is none)."""
     vals = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
             if line.startswith(name) and labels in line]
     return sum(vals) if vals else None
@@ -153,16 +159,21 @@ def metric_sum(base: str, name: str, labels: str = "") -> float | None:
 
 def running_requests(base: str) -> float | None:
     """Requests running or waiting on the server (None without /metrics)."""
-    running = metric_sum(base, "vllm:num_requests_running")
-    waiting = metric_sum(base, "vllm:num_requests_waiting")
-    return None if running is None else running + (waiting or 0)
+    text = scrape(base)
+    running = metric_sum(text, "vllm:num_requests_running") if text else None
+    if running is None:
+        return None
+    return running + (metric_sum(text, "vllm:num_requests_waiting") or 0)
 
 
 def finish_counts(base: str) -> tuple[float, float] | None:
     """(requests finished other than by abort, tokens generated) so far."""
-    done = metric_sum(base, "vllm:request_success_total")
-    aborted = metric_sum(base, "vllm:request_success_total", 'finished_reason="abort"')
-    tokens = metric_sum(base, "vllm:generation_tokens_total")
+    text = scrape(base)
+    if text is None:
+        return None
+    done = metric_sum(text, "vllm:request_success_total")
+    aborted = metric_sum(text, "vllm:request_success_total", 'finished_reason="abort"')
+    tokens = metric_sum(text, "vllm:generation_tokens_total")
     if done is None or tokens is None:
         return None
     return done - (aborted or 0), tokens
@@ -204,14 +215,15 @@ def serves_fly(base: str, model: str) -> bool:
 
 def check_load(base: str, model: str, *, clients: int = 64, requests_per_round: int = 128,
                rounds: int = 3, max_tokens: int = 32, timeout: float = 600,
-               rss: Callable[[], int] | None = None, progress=print) -> Check:
+               rss: Callable[[], int] | None = None, fly: bool | None = None,
+               progress=print) -> Check:
     """`clients` concurrent streaming clients share `requests_per_round`
     requests (on a FLy server half strict, half loose) for `rounds` rounds;
     the server's resident memory (if `rss` is given) is read after each
-    round."""
+    round. `fly`: whether the server serves FLy (asked if not given)."""
     c = Check("load")
     c.detail["rounds"] = []
-    mixed = serves_fly(base, model)
+    mixed = serves_fly(base, model) if fly is None else fly
     for rnd in range(rounds):
         t0 = time.perf_counter()
         bodies = [chat(model, prompt(rnd * 100000 + i), max_tokens,
@@ -536,8 +548,10 @@ def run_all(base: str, model: str, *, only: tuple[str, ...] = CHECKS,
             rss: Callable[[], int] | None = None, progress=print) -> list[Check]:
     """The checks named in `only` (all by default) in turn, each followed by
     a health check."""
+    fly = serves_fly(base, model)
     checks: dict[str, Callable[[], Check]] = {
-        "load": lambda: check_load(base, model, rss=rss, progress=progress, **(load or {})),
+        "load": lambda: check_load(base, model, rss=rss, fly=fly, progress=progress,
+                                   **(load or {})),
         "disconnects": lambda: check_disconnects(base, model),
         "aborts": lambda: check_aborts(base, model),
         "max_tokens_one": lambda: check_max_tokens_one(base, model),
@@ -546,7 +560,7 @@ def run_all(base: str, model: str, *, only: tuple[str, ...] = CHECKS,
         "mixed_batch": lambda: check_mixed_batch(base, model, tie_nats=tie_nats),
         "bad_input": lambda: check_bad_input(base, model),
     }
-    if not serves_fly(base, model):
+    if not fly:
         skipped = [n for n in only if n in FLY_ONLY]
         if skipped:
             progress(f"the server does not serve FLy: skipping {', '.join(skipped)}")

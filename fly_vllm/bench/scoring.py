@@ -132,11 +132,18 @@ def mcnemar_exact(right_to_wrong: int, wrong_to_right: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def aligned(mode: dict[str, float], base: dict[str, float]) -> tuple[list, list]:
+    """Per-item scores (item id -> score) of two runs on the items both
+    scored, as two lists in the same item order."""
+    ids = [i for i in base if i in mode]
+    return [mode[i] for i in ids], [base[i] for i in ids]
+
+
 def paired(mode: dict[str, float], base: dict[str, float]) -> dict:
     """Paired comparison of per-item correctness (item id -> 0/1) on the
     items both runs scored: flips each way and McNemar's exact p."""
-    ids = [i for i in base if i in mode]
-    r2w = sum(1 for i in ids if base[i] and not mode[i])
-    w2r = sum(1 for i in ids if mode[i] and not base[i])
-    return {"n": len(ids), "right_to_wrong": r2w, "wrong_to_right": w2r,
+    mine, theirs = aligned(mode, base)
+    r2w = sum(1 for x, y in zip(mine, theirs) if y and not x)
+    w2r = sum(1 for x, y in zip(mine, theirs) if x and not y)
+    return {"n": len(mine), "right_to_wrong": r2w, "wrong_to_right": w2r,
             "mcnemar_p": mcnemar_exact(r2w, w2r)}

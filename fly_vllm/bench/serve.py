@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fly_vllm.bench import datasets as ds
-from fly_vllm.bench.offline import PROGRESS, counter_delta
+from fly_vllm.bench.offline import PROGRESS, acceptance, counter_delta
 from fly_vllm.bench.remote import fetch_metrics, stream_chat
 
 QUANTILES = (50, 90, 99)
@@ -161,7 +161,7 @@ def summarize(phases: list[dict]) -> dict:
         "ttft_ms": ms([r["ttft"] for r in ok]),
         "tpot_ms": ms([r["tpot"] for r in ok]),
         "latency_ms": ms([r["latency"] for r in ok]),
-        "mean_accepted_length": None, "acceptance_rate": None, "loose_rate": None,
+        **acceptance({}),
     }
     if all(p["counters"] is not None for p in phases):
         c: dict = {}
@@ -169,16 +169,7 @@ def summarize(phases: list[dict]) -> dict:
             for k, v in p["counters"].items():
                 if not isinstance(v, list):
                     c[k] = c.get(k, 0) + v
-        drafts = c.get("vllm:spec_decode_num_drafts", 0)
-        drafted = c.get("vllm:spec_decode_num_draft_tokens", 0)
-        accepted = c.get("vllm:spec_decode_num_accepted_tokens", 0)
-        if drafts:
-            out["mean_accepted_length"] = 1 + accepted / drafts
-            out["acceptance_rate"] = accepted / drafted if drafted else None
-        if c.get("vllm:fly_draft_tokens"):
-            out["loose_rate"] = c.get("vllm:fly_loose_accepted_tokens", 0) \
-                / c["vllm:fly_draft_tokens"]
-        out["counters"] = c
+        out.update(acceptance(c), counters=c)
     return out
 
 
