@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
 
 import requests
 
@@ -293,18 +295,48 @@ def check_disconnects(base: str, model: str, n: int = 8, max_tokens: int | None 
     return c
 
 
+def _send_raw(base: str, path: str, body: dict) -> socket.socket:
+    """Send a POST and leave the answer unread (the caller hangs up)."""
+    url = urlsplit(base)
+    sock = socket.create_connection((url.hostname, url.port or 80), timeout=30)
+    payload = json.dumps(body).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                 f"Connection: close\r\n\r\n".encode() + payload)
+    return sock
+
+
+def _answered(sock: socket.socket) -> bool:
+    """Whether any of the answer has arrived (without waiting for it)."""
+    sock.setblocking(False)
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return False
+    finally:
+        sock.setblocking(True)
+
+
 def check_aborts(base: str, model: str, n: int = 8, max_tokens: int | None = None,
-                 give_up_s: float = 0.1) -> Check:
-    """Non-streaming requests whose clients give up after `give_up_s`: the
-    client's time-out is the abort."""
+                 wait_s: float = 30) -> Check:
+    """Non-streaming requests whose clients hang up while the server runs
+    them: the client sends n requests, waits until the server counts them
+    as running or waiting (at most `wait_s`), then closes the connections.
+    A request already answered by then counts as finished, not abandoned."""
     c = Check("aborted requests")
     max_tokens = max_tokens or long_max_tokens(base, model)
     before = finish_counts(base)
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        outs = list(pool.map(lambda i: call(
-            base, "/v1/chat/completions", chat(model, prompt(50 + i), max_tokens,
-                                               ignore_eos=True),
-            timeout=give_up_s), range(n)))
+    socks = [_send_raw(base, "/v1/chat/completions",
+                       chat(model, prompt(50 + i), max_tokens, ignore_eos=True))
+             for i in range(n)]
+    deadline = time.perf_counter() + wait_s
+    while time.perf_counter() < deadline and (running_requests(base) or 0) < n:
+        time.sleep(0.02)
+    outs = []
+    for sock in socks:
+        outs.append({"kind": "completed"} if _answered(sock) else
+                    {"kind": "failure", "error": "client hung up (hang)"})
+        sock.close()
     _abandoned(c, base, outs, before, lambda o: o["kind"] == "failure"
                and "hang" in o["error"], max_tokens)
     return c
