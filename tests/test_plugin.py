@@ -64,3 +64,15 @@ def test_llm_path_rejects_a_bad_config_before_the_engine(tiny_pair):
     """)
     assert "FlyConfigError: fly.entropy_threshold must be >= 0" in r.stdout, r.stderr[-3000:]
     assert "Loading weights" not in r.stderr  # it stopped before any engine
+
+
+def test_serve_binds_every_core_on_small_vllm_cpu_machines():
+    from fly_vllm.cli import cpu_thread_binding
+
+    assert cpu_thread_binding({}, {0, 1}, on_vllm_cpu=True) == "0,1"
+    assert cpu_thread_binding({}, {3, 1}, on_vllm_cpu=True) == "1,3"
+    # The user's choice, GPU builds, one core and larger machines keep vLLM's.
+    assert cpu_thread_binding({"VLLM_CPU_OMP_THREADS_BIND": "auto"}, {0, 1}, True) is None
+    assert cpu_thread_binding({}, {0, 1}, on_vllm_cpu=False) is None
+    assert cpu_thread_binding({}, {0}, on_vllm_cpu=True) is None
+    assert cpu_thread_binding({}, set(range(8)), on_vllm_cpu=True) is None
