@@ -55,6 +55,37 @@ def test_paired_flips_and_mcnemar():
                                           "mcnemar_p": 1.0}
 
 
+def test_progress_lines_for_batched_runs(capsys):
+    from fly_vllm.bench.offline import PROGRESS, Progress
+
+    bar = Progress(total=25, label="gsm8k")
+    for _ in range(25):
+        bar.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert 10 <= len(lines) <= 13 and all(x.startswith(PROGRESS) for x in lines)
+    assert "gsm8k: 25/25 requests done" in lines[-1]
+    # vLLM also passes iterables through it (prompt rendering): silently.
+    assert list(Progress(iter([1, 2]), desc="Rendering", label="x")) == [1, 2]
+    assert capsys.readouterr().err == ""
+
+
+def test_divergence_classified_as_near_tie_or_not():
+    assert scoring.first_difference([1, 2, 3], [1, 2, 4]) == 2
+    assert scoring.first_difference([1, 2], [1, 2, 3]) is None
+    top = [(7, -0.60), (9, -0.70), (4, -3.0)]
+    tie = scoring.classify_divergence(top, 7, 9, tie_nats=0.25)
+    assert tie["near_tie"] and tie["gap_nats"] == pytest.approx(0.1)
+    assert tie["rank_target_token"] == 0 and tie["rank_mode_token"] == 1
+    # The same two tokens further apart, a third-ranked token, or one outside
+    # the top are not near-ties.
+    assert not scoring.classify_divergence(top, 7, 9, tie_nats=0.05)["near_tie"]
+    assert not scoring.classify_divergence(top, 7, 4, tie_nats=5.0)["near_tie"]
+    far = scoring.classify_divergence(top, 7, 11, tie_nats=5.0)
+    assert not far["near_tie"] and far["rank_mode_token"] is None and "gap_nats" not in far
+    # A re-run in which the mode's token now wins is still a tie between the two.
+    assert scoring.classify_divergence(top, 9, 7, tie_nats=0.25)["near_tie"]
+
+
 def test_dataset_loaders():
     for name in ("humaneval", "mtbench", "sharegpt"):
         items = ds.load(name, 3)
@@ -77,6 +108,53 @@ vllm:num_requests_running{engine="0"} 1.0
                  "vllm:fly_loose_accepted_tokens": 2.0}
 
 
+def test_limits_modes_and_concurrency_arguments():
+    from fly_vllm.bench import harness
+
+    assert harness.parse_limit("20") == {"*": 20}
+    assert harness.parse_limit("gsm8k=150,humaneval=164") == {"gsm8k": 150, "humaneval": 164}
+    with pytest.raises(Exception, match="unknown dataset 'gsm'"):
+        harness.parse_limit("gsm=3")
+    args = harness.parse_args(["--drafter", "DRAFT", "-k", "4", "--window", "2",
+                               "--modes", "nospec,strict,fly,fly-ngram,strict-ngram",
+                               "--concurrency", "1,3,30"])
+    assert args.concurrency == [1, 3, 30]
+    modes = {m.name: m.spec for m in harness.build_modes(args)}
+    assert modes["no-spec"] is None
+    assert modes["fly"]["model"] == "DRAFT" and "prompt_lookup_max" not in modes["fly"]
+    # The n-gram modes draft by prompt lookup beside the draft-model modes.
+    assert "model" not in modes["fly-ngram"] and modes["fly-ngram"]["prompt_lookup_max"] == 4
+    assert modes["fly-ngram"]["fly"] == {"entropy_threshold": 0.3, "window": 2}
+    assert modes["strict-ngram"]["fly"]["strict"] is True
+    with pytest.raises(SystemExit, match="unknown mode"):
+        harness.build_modes(harness.parse_args(["--modes", "fast"]))
+    # Every mode's config is checked before any engine starts.
+    with pytest.raises(SystemExit, match="mode 'strict': fly.window must be smaller"):
+        harness.build_modes(harness.parse_args(["-k", "4", "--window", "4",
+                                                "--modes", "nospec,strict"]))
+    # W defaults to FLy's own default, min(6, K-1).
+    assert harness.build_modes(harness.parse_args(["-k", "4", "--modes", "fly"]))[0].window == 3
+
+
+def test_throughput_uses_wall_time_when_requests_overlap():
+    """Three requests run at once for 2 s: 60 tokens / 2 s, not / 6 s."""
+    from fly_vllm.bench import harness
+
+    res = [{"id": f"m{i}", "group": "mtbench", "text": "x", "token_ids": [1] * 20,
+            "latency": None} for i in range(3)]
+    run = {"results": res, "group_counters": {"mtbench": {}},
+           "group_elapsed": {"mtbench": 2.0}}
+    m = harness.score_run(run, {}, None, {})["mtbench"]
+    assert m["tok_s"] == pytest.approx(30.0) and m["time_s"] == 2.0
+    assert m["tpot_ms_q"][1] != m["tpot_ms_q"][1]  # NaN: no per-request latency
+    # One at a time: the sum of latencies is the wall time.
+    for r in res:
+        r["latency"] = 1.0
+    del run["group_elapsed"]
+    m = harness.score_run(run, {}, None, {})["mtbench"]
+    assert m["tok_s"] == pytest.approx(20.0) and m["tpot_ms_q"][1] == pytest.approx(50.0)
+
+
 @pytest.mark.e2e
 def test_small_benchmark_run(tiny_pair, tmp_path):
     gsm = tmp_path / "gsm.jsonl"
@@ -87,26 +165,35 @@ def test_small_benchmark_run(tiny_pair, tmp_path):
     r = subprocess.run(
         [sys.executable, "benchmarks/run_bench.py", "--model", tiny_pair["target"],
          "--drafter", tiny_pair["near"], "-k", "4", "--window", "2", "--threshold", "0",
-         "--modes", "nospec,strict,fly,sweep", "--sweep-threshold", "0.5",
+         "--modes", "nospec,strict,fly,fly-ngram,sweep", "--sweep-threshold", "0.5",
          "--sweep-window", "1", "--datasets", "gsm8k,mtbench", "--data", str(gsm),
-         "--limit", "2", "--max-tokens", "12", "--temperatures", "0", "--out", str(out),
-         "--engine", '{"max_model_len": 512}'],
+         "--limit", "gsm8k=2,mtbench=3", "--max-tokens", "12", "--temperatures", "0",
+         "--concurrency", "1,2", "--out", str(out), "--engine", '{"max_model_len": 512}'],
         cwd=ROOT, env=vllm_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    rows = {(t["mode"], t["dataset"]): t["metrics"] for t in res["table"]}
-    assert set(m for m, _ in rows) == {"no-spec", "strict", "fly", "fly t=0.5 w=2",
-                                       "fly t=0 w=1"}
-    # Strict speculation reproduces the target exactly; FLy at threshold 0 does not
-    # have to, and its loose accepts are counted.
-    for d in ("gsm8k", "mtbench"):
-        assert rows[("strict", d)]["agreement_lcs"] == 1.0
-        assert rows[("strict", d)]["loose_rate"] == 0.0
-        assert rows[("no-spec", d)]["mean_accepted_length"] is None
-    assert rows[("fly", "gsm8k")]["loose_rate"] > 0 or rows[("fly", "mtbench")]["loose_rate"] > 0
-    assert res["settings"]["items"] == {"gsm8k": 2, "mtbench": 2}
+    every = {(t["mode"], t["dataset"], t["concurrency"]): t["metrics"] for t in res["table"]}
+    assert {m for m, _, _ in every} == {"no-spec", "strict", "fly", "fly-ngram",
+                                        "fly t=0.5 w=2", "fly t=0 w=1"}
+    assert {c for _, _, c in every} == {1, 2}
+    for conc in (1, 2):
+        rows = {(m, d): v for (m, d, c), v in every.items() if c == conc}
+        # Strict speculation reproduces the target exactly, one at a time and
+        # batched; FLy at threshold 0 does not have to, and its loose accepts
+        # are counted.
+        for d in ("gsm8k", "mtbench"):
+            assert rows[("strict", d)]["agreement_lcs"] == 1.0
+            assert rows[("strict", d)]["loose_rate"] == 0.0
+            assert rows[("no-spec", d)]["mean_accepted_length"] is None
+            assert rows[("fly-ngram", d)]["loose_rate"] is not None
+        assert rows[("fly", "gsm8k")]["loose_rate"] > 0 or \
+            rows[("fly", "mtbench")]["loose_rate"] > 0
+    assert every[("no-spec", "mtbench", 2)]["n"] == 3
+    assert res["settings"]["items"] == {"gsm8k": 2, "mtbench": 3}
     assert "vllm" in res["environment"]["versions"] or res["environment"]["versions"]
     report = (out / "report.md").read_text()
     assert "| gsm8k | strict |" in report and "command:" in report
-    for png in ("speedup_vs_retention.png", "acceptance_per_position.png"):
+    assert "| mtbench | fly-ngram | 2 |" in report
+    for png in ("speedup_vs_retention.png", "acceptance_per_position.png",
+                "speed_vs_concurrency.png"):
         assert (out / png).stat().st_size > 1000

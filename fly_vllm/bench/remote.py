@@ -87,16 +87,18 @@ def run_remote(base_url: str, model: str, requests_: list[dict], concurrency: in
                     timeout=600)
     groups = list(dict.fromkeys(r.get("group", "all") for r in requests_))
     results: list[dict] = []
-    group_counters = {}
+    group_counters, group_elapsed = {}, {}
     t_all = time.perf_counter()
     for g in groups:
         todo = [r for r in requests_ if r.get("group", "all") == g]
         before = fetch_metrics(base_url) or {}
+        t_group = time.perf_counter()
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
             for i, res in enumerate(pool.map(lambda r: stream_chat(client, model, r), todo), 1):
                 results.append(res)
                 print(f"{PROGRESS}    {g}: {i}/{len(todo)} requests done"[len(PROGRESS):],
                       file=sys.stderr, flush=True)
+        group_elapsed[g] = time.perf_counter() - t_group
         group_counters[g] = counter_delta(fetch_metrics(base_url) or {}, before)
     return {"elapsed": time.perf_counter() - t_all, "results": results,
-            "group_counters": group_counters}
+            "group_counters": group_counters, "group_elapsed": group_elapsed}

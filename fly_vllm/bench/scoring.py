@@ -147,3 +147,28 @@ def paired(mode: dict[str, float], base: dict[str, float]) -> dict:
     w2r = sum(1 for x, y in zip(mine, theirs) if x and not y)
     return {"n": len(mine), "right_to_wrong": r2w, "wrong_to_right": w2r,
             "mcnemar_p": mcnemar_exact(r2w, w2r)}
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token; None if one is a prefix of the other
+    (the same text cut at another length)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None
+
+
+def classify_divergence(top: list[tuple[int, float]], ours: int, theirs: int,
+                        tie_nats: float) -> dict:
+    """Why two greedy outputs part. `top`: the target's (token, logprob),
+    best first, at the parting token; `ours`: the target-alone run's token;
+    `theirs`: the other run's. A near-tie: the two are the target's top two
+    and within `tie_nats` of each other."""
+    ranks = {t: i for i, (t, _) in enumerate(top)}
+    lp = dict(top)
+    out = {"rank_target_token": ranks.get(ours), "rank_mode_token": ranks.get(theirs)}
+    if ours in lp and theirs in lp:
+        out["gap_nats"] = abs(lp[ours] - lp[theirs])
+    out["near_tie"] = (set(ranks.get(t) for t in (ours, theirs)) == {0, 1}
+                       and out.get("gap_nats", 1e9) <= tie_nats)
+    return out

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Quality retention and speed of the real same-family pair on this CPU:
+# Qwen2.5-Coder-1.5B-Instruct (target) with its 0.5B (draft), bf16, greedy.
+#
+#   bash benchmarks/qwen_pair.sh [OUT]      (default benchmarks/results/qwen-pair)
+#
+# 1. fetches and converts the pair (python -m fly_vllm.pairs qwen2.5-coder);
+# 2. retention: GSM8K train items and all 164 HumanEval problems, RETENTION_AT
+#    requests at once, modes $RETENTION_MODES; accuracy, retention with its
+#    bootstrap interval, paired flips with McNemar's p, final-answer agreement;
+# 3. speed against requests at once: SWEEP_LIMIT items per dataset at 1 and 3
+#    at once, every mode (30 at once is the retention run itself).
+# Sizes and modes can be changed through the variables below; every run is
+# cached under OUT/*/raw, so an interrupted run resumes where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-benchmarks/results/qwen-pair}
+py=.venv/bin/python
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+GSM8K_N=${GSM8K_N:-150}
+HUMANEVAL_N=${HUMANEVAL_N:-164}
+MAX_TOKENS=${MAX_TOKENS:-256}
+RETENTION_AT=${RETENTION_AT:-30}
+RETENTION_MODES=${RETENTION_MODES:-nospec,fly,strict,fly-ngram}
+SWEEP_LIMIT=${SWEEP_LIMIT:-6}
+SWEEP_TOKENS=${SWEEP_TOKENS:-96}
+K=${K:-4}
+W=${W:-2}
+
+paths=$($py -m fly_vllm.pairs qwen2.5-coder)
+target=$(sed -n 1p <<<"$paths")
+draft=$(sed -n 2p <<<"$paths")
+common=(--model "$target" --drafter "$draft" -k "$K" --window "$W" --threshold 0.3
+        --temperatures 0 --engine '{"dtype": "bfloat16", "max_model_len": 2048}')
+
+$py benchmarks/run_bench.py "${common[@]}" --out "$out/retention" \
+  --modes "$RETENTION_MODES" --datasets gsm8k,humaneval \
+  --limit "gsm8k=$GSM8K_N,humaneval=$HUMANEVAL_N" --max-tokens "$MAX_TOKENS" \
+  --concurrency "$RETENTION_AT"
+
+$py benchmarks/run_bench.py "${common[@]}" --out "$out/at-once" \
+  --modes nospec,strict,fly,fly-ngram --datasets gsm8k,humaneval \
+  --limit "$SWEEP_LIMIT" --max-tokens "$SWEEP_TOKENS" --concurrency 1,3
