@@ -25,16 +25,20 @@ from fly_vllm.bench.scoring import classify_divergence, first_difference
 from fly_vllm.bench.offline import worker_env
 
 
-def _runs(run_dir: Path, mode: str) -> tuple[dict, dict, dict]:
+def _runs(run_dir: Path, mode: str, conc: int | None) -> tuple[dict, dict, dict]:
     res = json.loads((run_dir / "results.json").read_text())
     raws = [json.loads(p.read_text()) for p in sorted((run_dir / "raw").glob("*.json"))]
-    by = {}
-    for r in raws:
-        if r["temperature"] == 0:
-            by.setdefault(r["mode"], []).append(r)
+    concs = sorted({r.get("concurrency", 1) for r in raws})
+    if conc is None and len(concs) > 1:
+        raise SystemExit(f"{run_dir} holds runs at {concs} requests at once: pick one "
+                         "with --concurrency")
+    conc = conc or concs[0]
+    by = {r["mode"]: r for r in raws
+          if r["temperature"] == 0 and r.get("concurrency", 1) == conc}
     if "no-spec" not in by or mode not in by:
-        raise SystemExit(f"{run_dir} has no T=0 runs of both no-spec and {mode!r}")
-    pick = lambda name: {x["id"]: x for x in by[name][0]["run"]["results"]}  # noqa: E731
+        raise SystemExit(f"{run_dir} has no T=0 runs of both no-spec and {mode!r} "
+                         f"at {conc} at once")
+    pick = lambda name: {x["id"]: x for x in by[name]["run"]["results"]}  # noqa: E731
     return res, pick("no-spec"), pick(mode)
 
 
@@ -46,12 +50,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tie-nats", type=float, default=0.25,
                     help="largest log-prob gap called a near-tie (default 0.25: two bf16 "
                     "steps at logits of 16-32)")
+    ap.add_argument("--concurrency", type=int, default=None,
+                    help="requests at once of the runs to compare, where there are several")
     args = ap.parse_args(argv)
-    res, base, other = _runs(args.run_dir, args.mode)
+    res, base, other = _runs(args.run_dir, args.mode, args.concurrency)
     settings = res["settings"]
     items = {}
     for name, n in settings["items"].items():
-        items.update({it.id: it for it in ds.load(name, n)})
+        items.update({it.id: it for it in ds.load(name, n, settings.get("data"))})
     todo = []
     for rid, b in base.items():
         o = other.get(rid)
@@ -78,9 +84,11 @@ def main(argv=None) -> int:
                 row["kind"] = "same tokens, one output shorter (stopped or cut)"
                 rows.append(row)
                 continue
-            prompt = tok.apply_chat_template(items[rid].messages, add_generation_prompt=True,
-                                             tokenize=True)
-            ids = list(prompt) + b["token_ids"][:i]
+            # As LLM.chat does: render the chat template, then tokenize without
+            # adding special tokens.
+            text = tok.apply_chat_template(items[rid].messages, add_generation_prompt=True,
+                                           tokenize=False)
+            ids = tok.encode(text, add_special_tokens=False) + b["token_ids"][:i]
             out = llm.generate({"prompt_token_ids": ids},
                                SamplingParams(max_tokens=1, temperature=0, logprobs=5),
                                use_tqdm=False)[0].outputs[0]

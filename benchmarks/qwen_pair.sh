@@ -8,22 +8,30 @@
 # 2. retention: GSM8K train items and all 164 HumanEval problems, RETENTION_AT
 #    requests at once, modes $RETENTION_MODES; accuracy, retention with its
 #    bootstrap interval, paired flips with McNemar's p, final-answer agreement;
-# 3. speed against requests at once: SWEEP_LIMIT items per dataset at 1 and 3
-#    at once, every mode (30 at once is the retention run itself).
+# 3. every difference between strict SD and the target explained (near-tie or
+#    not: benchmarks/explain_divergence.py);
+# 4. the sweep on the GSM8K items, where FLy loses most: thresholds
+#    SWEEP_THRESHOLDS at W, and windows SWEEP_WINDOWS at threshold 0.3 (W=3 is
+#    FLy's own default for K=4);
+# 5. speed against requests at once: AT_ONCE_LIMIT items per dataset at 1 and
+#    3 at once, every mode (30 at once is the retention run itself).
 # Sizes and modes can be changed through the variables below; every run is
 # cached under OUT/*/raw, so an interrupted run resumes where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/qwen-pair}
 py=.venv/bin/python
+make install-models >/dev/null  # the venv, gguf and accelerate for the conversion
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 GSM8K_N=${GSM8K_N:-150}
 HUMANEVAL_N=${HUMANEVAL_N:-164}
-MAX_TOKENS=${MAX_TOKENS:-256}
+MAX_TOKENS=${MAX_TOKENS:-512}
 RETENTION_AT=${RETENTION_AT:-30}
 RETENTION_MODES=${RETENTION_MODES:-nospec,fly,strict,fly-ngram}
-SWEEP_LIMIT=${SWEEP_LIMIT:-6}
-SWEEP_TOKENS=${SWEEP_TOKENS:-96}
+SWEEP_THRESHOLDS=${SWEEP_THRESHOLDS:-0.9}
+SWEEP_WINDOWS=${SWEEP_WINDOWS:-3}
+AT_ONCE_LIMIT=${AT_ONCE_LIMIT:-4}
+AT_ONCE_TOKENS=${AT_ONCE_TOKENS:-64}
 K=${K:-4}
 W=${W:-2}
 
@@ -38,6 +46,13 @@ $py benchmarks/run_bench.py "${common[@]}" --out "$out/retention" \
   --limit "gsm8k=$GSM8K_N,humaneval=$HUMANEVAL_N" --max-tokens "$MAX_TOKENS" \
   --concurrency "$RETENTION_AT"
 
+$py benchmarks/explain_divergence.py "$out/retention" --mode strict
+
+$py benchmarks/run_bench.py "${common[@]}" --out "$out/sweep" \
+  --modes nospec,sweep --sweep-threshold "$SWEEP_THRESHOLDS" --sweep-window "$SWEEP_WINDOWS" \
+  --datasets gsm8k --limit "$GSM8K_N" --max-tokens "$MAX_TOKENS" \
+  --concurrency "$RETENTION_AT"
+
 $py benchmarks/run_bench.py "${common[@]}" --out "$out/at-once" \
   --modes nospec,strict,fly,fly-ngram --datasets gsm8k,humaneval \
-  --limit "$SWEEP_LIMIT" --max-tokens "$SWEEP_TOKENS" --concurrency 1,3
+  --limit "$AT_ONCE_LIMIT" --max-tokens "$AT_ONCE_TOKENS" --concurrency 1,3

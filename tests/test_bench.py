@@ -116,7 +116,7 @@ def test_limits_modes_and_concurrency_arguments():
     with pytest.raises(Exception, match="unknown dataset 'gsm'"):
         harness.parse_limit("gsm=3")
     args = harness.parse_args(["--drafter", "DRAFT", "-k", "4", "--window", "2",
-                               "--modes", "nospec,strict,fly,fly-ngram,strict-ngram",
+                               "--modes", "nospec,strict,fly,fly-ngram,strict-ngram,fly-digits",
                                "--concurrency", "1,3,30"])
     assert args.concurrency == [1, 3, 30]
     modes = {m.name: m.spec for m in harness.build_modes(args)}
@@ -126,6 +126,7 @@ def test_limits_modes_and_concurrency_arguments():
     assert "model" not in modes["fly-ngram"] and modes["fly-ngram"]["prompt_lookup_max"] == 4
     assert modes["fly-ngram"]["fly"] == {"entropy_threshold": 0.3, "window": 2}
     assert modes["strict-ngram"]["fly"]["strict"] is True
+    assert modes["fly-digits"]["fly"]["guard_digits"] is True and "model" in modes["fly-digits"]
     with pytest.raises(SystemExit, match="unknown mode"):
         harness.build_modes(harness.parse_args(["--modes", "fast"]))
     # Every mode's config is checked before any engine starts.
@@ -185,10 +186,12 @@ def test_small_benchmark_run(tiny_pair, tmp_path):
             assert rows[("strict", d)]["agreement_lcs"] == 1.0
             assert rows[("strict", d)]["loose_rate"] == 0.0
             assert rows[("no-spec", d)]["mean_accepted_length"] is None
-            assert rows[("fly-ngram", d)]["loose_rate"] is not None
+            assert rows[("fly-ngram", d)]["n"] == rows[("no-spec", d)]["n"]
         assert rows[("fly", "gsm8k")]["loose_rate"] > 0 or \
             rows[("fly", "mtbench")]["loose_rate"] > 0
     assert every[("no-spec", "mtbench", 2)]["n"] == 3
+    specs = {t["mode"]: t["spec"] for t in res["table"]}
+    assert "prompt_lookup_max" in specs["fly-ngram"] and "model" not in specs["fly-ngram"]
     assert res["settings"]["items"] == {"gsm8k": 2, "mtbench": 3}
     assert "vllm" in res["environment"]["versions"] or res["environment"]["versions"]
     report = (out / "report.md").read_text()
@@ -197,3 +200,33 @@ def test_small_benchmark_run(tiny_pair, tmp_path):
     for png in ("speedup_vs_retention.png", "acceptance_per_position.png",
                 "speed_vs_concurrency.png"):
         assert (out / png).stat().st_size > 1000
+
+    # The divergence explainer finds where strict speculation left the
+    # target's output. Strict is exact here, so one is made up: a copy of the
+    # run whose strict output for one item takes another token at position 3.
+    # The target alone, re-run there, must rank its own token first.
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    base_raw = strict_raw = None
+    for p in (copy / "raw").glob("*.json"):
+        d = json.loads(p.read_text())
+        if d["concurrency"] == 1 and d["mode"] in ("no-spec", "strict"):
+            if d["mode"] == "no-spec":
+                base_raw = d
+            else:
+                strict_raw = (p, d)
+    item = next(r for r in strict_raw[1]["run"]["results"] if r["group"] == "mtbench")
+    assert len(item["token_ids"]) > 4
+    item["token_ids"][3] = (item["token_ids"][3] + 1) % 50
+    strict_raw[0].write_text(json.dumps(strict_raw[1]))
+    r = subprocess.run(
+        [sys.executable, "benchmarks/explain_divergence.py", str(copy), "--mode", "strict",
+         "--concurrency", "1"],
+        cwd=ROOT, env=vllm_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((copy / "divergence-strict.json").read_text())
+    assert [(x["id"], x["position"]) for x in rows] == [(item["id"], 3)]
+    assert rows[0]["rank_target_token"] == 0
+    assert base_raw is not None and "1 differ" in (copy / "divergence-strict.md").read_text()

@@ -94,6 +94,10 @@ def _modes(args) -> list[Mode]:
         elif n == "fly":
             modes.append(Mode("fly", fly(args.threshold, args.window), args.threshold,
                               args.window))
+        elif n == "fly-digits":
+            # FLy with the digit guard: no loose accept where a digit differs.
+            modes.append(Mode(n, fly(args.threshold, args.window, guard_digits=True),
+                              args.threshold, args.window))
         elif n in ("strict-ngram", "fly-ngram"):
             # n-gram drafting beside a draft model, on the same prompts.
             strict = n == "strict-ngram"
@@ -109,8 +113,8 @@ def _modes(args) -> list[Mode]:
                     continue
                 modes.append(Mode(f"fly t={t:g} w={w}", fly(t, w), t, w, sweep=True))
         else:
-            raise SystemExit(f"unknown mode {n!r}: use nospec, strict, fly, strict-ngram, "
-                             "fly-ngram, sweep")
+            raise SystemExit(f"unknown mode {n!r}: use nospec, strict, fly, fly-digits, "
+                             "strict-ngram, fly-ngram, sweep")
     return modes
 
 
@@ -488,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
                     "concurrency": args.concurrency}
     counts = {d: sum(1 for it in items if it.dataset == d) for d in dict.fromkeys(
         it.dataset for it in items)}
-    settings.update(items=counts, max_tokens=args.max_tokens, engine=args.engine)
+    settings.update(items=counts, max_tokens=args.max_tokens, engine=args.engine,
+                    data=args.data)
     print(f"[fly-bench] {len(modes)} modes x {len(args.temperatures)} temperatures on "
           f"{counts}; writing {out}", file=sys.stderr, flush=True)
 
