@@ -397,6 +397,7 @@ def _plot_concurrency(out: Path, table, temps, dsets, concs, plt) -> str:
                     ax.plot(*zip(*pts), marker="o", color=f"C{k}", label=mode)
             ax.set_xscale("log")
             ax.set_xticks(concs, [str(c) for c in concs])
+            ax.xaxis.set_minor_locator(plt.NullLocator())
             ax.set(title=f"{d}, T={temp:g}", xlabel="requests at once",
                    ylabel="output tokens/s")
             ax.legend(fontsize=7)
