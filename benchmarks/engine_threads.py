@@ -98,8 +98,9 @@ def main(argv=None) -> int:
             rows.append({"setting": name, "env": env_over, "failed": r.returncode})
             continue
         res = json.loads((sub / "results.json").read_text())
+        bound = binding(sub / "raw")
         for t in res["table"]:
-            rows.append({"setting": name, "env": env_over, "binding": binding(sub / "raw"),
+            rows.append({"setting": name, "env": env_over, "binding": bound,
                          "mode": t["mode"], "concurrency": t["concurrency"],
                          "tok_s": t["metrics"]["tok_s"],
                          "mean_accepted_length": t["metrics"]["mean_accepted_length"]})
