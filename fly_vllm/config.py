@@ -33,6 +33,16 @@ ADDITIONAL_CONFIG_KEY = "fly"
 WINDOW_CONVENTIONS = ("vllm", "paper")
 MAX_ENTROPY_TOP_K = 8
 DEFAULT_WINDOW = 6
+RULES = ("fly", "fsd")
+FSD_DIVERGENCES = ("js", "kl_draft_target", "kl_target_draft", "tv")
+FSD_VARIANTS = ("resample", "fallback")
+# The largest value each divergence takes (KL is unbounded).
+FSD_MAX_THRESHOLD = {"js": math.log(2), "tv": 1.0}
+DEFAULT_FSD_THRESHOLD = 0.4  # the authors' example, with "js"
+# Drafters that propose tokens without a distribution: FSD cannot use them.
+NO_DISTRIBUTION_DRAFTERS = ("ngram", "ngram_gpu", "suffix", "medusa", "custom_class")
+_FLY_ONLY = ("entropy_threshold", "window", "entropy_top_k", "window_convention")
+_FSD_ONLY = ("fsd_divergence", "fsd_threshold", "fsd_variant")
 
 
 class FlyConfigError(ValueError):
@@ -70,6 +80,16 @@ class FlyConfig:
             request's stop token, or a token carrying (part of) a stop string.
         All guards are off by default, so a config means what vLLM's native
         FLy means; each is counted when it vetoes.
+        rule: ``"fly"`` (default: the entropy gate and deferred window) or
+            ``"fsd"`` (FSD's divergence acceptance; needs a drafter with a
+            distribution, such as a draft model).
+        fsd_divergence: D of FSD: ``"js"`` (default; Jensen-Shannon, natural
+            log), ``"kl_draft_target"``, ``"kl_target_draft"`` or ``"tv"``.
+        fsd_threshold: T of FSD: a draft is accepted iff D <= T. Default 0.4
+            (the authors' example with ``"js"``; required for the others).
+        fsd_variant: ``"resample"`` (default, the authors' code: the test
+            alone decides; the correction comes from the target's p) or
+            ``"fallback"`` (where D > T, vLLM's exact p/q test decides).
     """
 
     entropy_threshold: float = 0.3
@@ -81,6 +101,10 @@ class FlyConfig:
     guard_digits: bool = False
     guard_structured: bool = False
     guard_eos_stop: bool = False
+    rule: str = "fly"
+    fsd_divergence: str = "js"
+    fsd_threshold: float = DEFAULT_FSD_THRESHOLD
+    fsd_variant: str = "resample"
 
     @property
     def window_span(self) -> int:
@@ -297,6 +321,7 @@ def parse_fly_config(spec: dict[str, Any]) -> tuple[dict[str, Any], FlyConfig]:
             f"fly.window_convention must be one of {list(WINDOW_CONVENTIONS)}; "
             f"got {convention!r}"
         )
+    fsd = _check_fsd(block, spec, drafter)
     flags = {}
     for key in ("strict", "guard_digits", "guard_structured", "guard_eos_stop"):
         flags[key] = block.get(key, False)
@@ -310,8 +335,70 @@ def parse_fly_config(spec: dict[str, Any]) -> tuple[dict[str, Any], FlyConfig]:
         window_convention=convention,
         drafter=drafter,
         **flags,
+        **fsd,
     )
     return spec, fly
+
+
+def _check_fsd_threshold(value: Any, divergence: str, where: str) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    hi = FSD_MAX_THRESHOLD.get(divergence)
+    rng = f"between 0 and {hi:.4g}" if hi is not None else ">= 0"
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not math.isfinite(value) or value < 0 or (hi is not None and value > hi)):
+        raise FlyConfigError(
+            f"{where}fsd_threshold must be a finite number {rng} for divergence "
+            f"{divergence!r} (a draft is accepted iff D <= T); got {value!r}")
+    return float(value)
+
+
+def _check_fsd(block: dict[str, Any], spec: dict[str, Any], drafter: str | None
+               ) -> dict[str, Any]:
+    """Validate the rule and FSD's keys; returns the FSD fields of FlyConfig."""
+    rule = block.get("rule", "fly")
+    if rule not in RULES:
+        raise FlyConfigError(f"fly.rule must be one of {list(RULES)}; got {rule!r}")
+    stray = [k for k in (_FSD_ONLY if rule == "fly" else _FLY_ONLY) if k in block]
+    if stray:
+        raise FlyConfigError(
+            f"fly.{stray[0]} applies to rule {'fsd' if rule == 'fly' else 'fly'!r} "
+            f"only, and this config uses rule {rule!r}; remove it, or set fly.rule")
+    if rule == "fly":
+        return {"rule": rule}
+    if drafter in NO_DISTRIBUTION_DRAFTERS:
+        raise FlyConfigError(
+            f"fly.rule 'fsd' compares the target's distribution with the drafter's, "
+            f"and the {drafter!r} drafter proposes tokens without one; use a draft "
+            "model (\"model\": a draft checkpoint) or rule 'fly'")
+    if spec.get("draft_sample_method", "greedy") != "greedy":
+        raise FlyConfigError(
+            "fly.rule 'fsd' drafts greedily, as the authors' code does; remove "
+            f"draft_sample_method={spec['draft_sample_method']!r} (allowed: \"greedy\")")
+    if spec.get("use_heterogeneous_vocab"):
+        raise FlyConfigError(
+            "fly.rule 'fsd' needs the drafter and the target to share one vocabulary; "
+            "remove use_heterogeneous_vocab")
+    kind = block.get("fsd_divergence", "js")
+    if kind not in FSD_DIVERGENCES:
+        raise FlyConfigError(
+            f"fly.fsd_divergence must be one of {list(FSD_DIVERGENCES)}; got {kind!r}")
+    variant = block.get("fsd_variant", "resample")
+    if variant not in FSD_VARIANTS:
+        raise FlyConfigError(
+            f"fly.fsd_variant must be one of {list(FSD_VARIANTS)}; got {variant!r}")
+    if "fsd_threshold" not in block and kind != "js":
+        raise FlyConfigError(
+            f"fly.fsd_threshold is required with fsd_divergence {kind!r}: the default "
+            f"{DEFAULT_FSD_THRESHOLD} is the authors' value for 'js', and thresholds "
+            "mean different things for each divergence")
+    thr = _check_fsd_threshold(block.get("fsd_threshold", DEFAULT_FSD_THRESHOLD), kind,
+                               "fly.")
+    return {"rule": rule, "fsd_divergence": kind, "fsd_threshold": thr,
+            "fsd_variant": variant}
 
 
 def check_speculative_config(value: str | dict[str, Any]) -> dict[str, Any]:
@@ -326,7 +413,7 @@ def check_speculative_config(value: str | dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 # Per-request control.
 
-REQUEST_KEYS = ("strict", "entropy_threshold", "window")
+REQUEST_KEYS = ("strict", "entropy_threshold", "window", "fsd_threshold")
 
 
 def _as_bool(key: str, v: Any) -> bool:
@@ -340,7 +427,7 @@ def _as_bool(key: str, v: Any) -> bool:
 
 
 def request_overrides(extra_args: dict[str, Any] | None, k: int,
-                      top_k: int = 3) -> dict[str, Any]:
+                      top_k: int = 3, fly: FlyConfig | None = None) -> dict[str, Any]:
     """Validate a request's own FLy settings.
 
     They come from ``SamplingParams.extra_args``, either as a ``"fly"`` dict
@@ -348,7 +435,9 @@ def request_overrides(extra_args: dict[str, Any] | None, k: int,
     ``vllm_xargs``, which takes flat values only). Keys: ``strict`` (true:
     exact verification for this request), ``entropy_threshold`` (0 up to
     the largest top-k entropy, `max_topk_entropy(top_k)`, with `top_k` the
-    server's) and ``window`` (1..K-1). Returns the overrides as a dict (empty if none).
+    server's) and ``window`` (1..K-1) for rule ``fly``; ``fsd_threshold``
+    for rule ``fsd`` (the server's ``fly`` config decides which apply).
+    Returns the overrides as a dict (empty if none).
 
     Raises:
         FlyConfigError: an unknown key, a wrong type or a value out of range.
@@ -365,13 +454,19 @@ def request_overrides(extra_args: dict[str, Any] | None, k: int,
         if key.startswith("fly_"):
             given[key[len("fly_"):]] = v
     out: dict[str, Any] = {}
+    rule = fly.rule if fly is not None else "fly"
+    allowed = [key for key in REQUEST_KEYS
+               if key == "strict" or (key in _FSD_ONLY) == (rule == "fsd")]
     for key, v in given.items():
-        if key not in REQUEST_KEYS:
+        if key not in allowed:
             raise FlyConfigError(
-                f"unknown per-request fly key {key!r}; allowed: {', '.join(REQUEST_KEYS)}"
+                f"unknown per-request fly key {key!r} for a server with rule {rule!r}; "
+                f"allowed: {', '.join(allowed)}"
                 " (over HTTP: vllm_xargs {\"fly_strict\": true, ...})")
         if key == "strict":
             out[key] = _as_bool(key, v)
+        elif key == "fsd_threshold":
+            out[key] = _check_fsd_threshold(v, fly.fsd_divergence, "per-request fly ")
         elif key == "entropy_threshold":
             if isinstance(v, str):
                 try:

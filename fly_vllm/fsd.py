@@ -18,18 +18,24 @@ Variants:
                 recovered (residual) token as the correction; so T -> -inf is
                 exact speculative decoding.
 
-Not yet wired into vLLM: the drafter's distribution must be captured first
-(the native draft-model proposer keeps none when it drafts greedily).
+One deliberate departure from the authors' code, for vLLM's sake: a loose
+accept (divergence test passed, native test failed) needs p(d) > 0 in the
+processed distribution, since vLLM's grammar, bad-words and allowed-token
+masks arrive as zeros there. fly-vllm's quality guards (``veto``) apply to
+loose accepts only, as with FLy. In vLLM, q is the drafter's softmax at temperature 1
+(captured by fly-vllm's drafter patch, see plugin.py) and the drafter stays
+greedy, as in the authors' code.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fly_vllm.verifier import emit, token_layout
+from fly_vllm.config import FSD_DIVERGENCES, FSD_VARIANTS
+from fly_vllm.verifier import FlyVerifyOutput, emit, token_layout
 
-DIVERGENCES = ("js", "kl_draft_target", "kl_target_draft", "tv")
-VARIANTS = ("resample", "fallback")
+DIVERGENCES = FSD_DIVERGENCES
+VARIANTS = FSD_VARIANTS
 
 
 def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -60,44 +66,77 @@ def fsd_verify(
     bonus_token_ids: torch.Tensor,  # [B, 1]
     max_spec_len: int,
     *,
-    threshold: torch.Tensor,  # [B]; -inf = exact (fallback) / reject all (resample)
+    threshold: torch.Tensor,  # [B]
     kind: str = "js",
     variant: str = "resample",
     is_greedy: torch.Tensor | None = None,  # [B] bool; None = all greedy
-    uniform_probs: torch.Tensor | None = None,  # [T] (fallback, sampled rows)
-    recovered_token_ids: torch.Tensor | None = None,  # [T] (fallback, sampled rows)
-    resampled_token_ids: torch.Tensor | None = None,  # [T] from p (resample, sampled)
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (output_token_ids [B, S+1] int32 in vLLM's layout,
-    num_accepted [B], divergence [T])."""
+    exact: torch.Tensor | None = None,  # [B] bool: verify these rows exactly
+    uniform_probs: torch.Tensor | None = None,  # [T] (native test, sampled rows)
+    draft_token_probs: torch.Tensor | None = None,  # [T] q(d) for the native test
+    recovered_token_ids: torch.Tensor | None = None,  # [T] (native correction)
+    resampled_token_ids: torch.Tensor | None = None,  # [T] from p (resample)
+    veto: torch.Tensor | None = None,  # [T] bool, quality guards
+) -> FlyVerifyOutput:
+    """FSD verification for a batch with ragged drafts, in vLLM's layout.
+
+    A draft is *loose* when the divergence test accepts it while the native
+    test alone would not; ``veto`` and the -inf guard apply to loose accepts
+    only. ``exact`` rows (per-request ``strict``) use the native test alone.
+    ``draft_token_probs`` is q(d) for the native p/q test: 1 for a greedy
+    drafter (vLLM treats its draft as one-hot), by default ``q`` at d.
+
+    Returns a :class:`FlyVerifyOutput` whose ``divergence`` holds D per draft
+    ([T] float32); ``uncertain`` marks drafts that passed the divergence test
+    without matching natively, ``gated`` native mismatches with D > T.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"unknown FSD variant {variant!r}; choose from {VARIANTS}")
     device = target_probs.device
     T, V = target_probs.shape
-    S = max_spec_len
     req, pos, n = token_layout(cu_num_draft_tokens, T)
     draft = draft_token_ids.long()
     valid = (draft >= 0) & (draft < V)
     safe = draft.clamp(0, V - 1).unsqueeze(-1)
     div = divergence(target_probs, draft_probs, kind)
-    accepted = valid & (div <= threshold[req])
     argmax = target_probs.argmax(-1)
+    p = target_probs.gather(-1, safe).squeeze(-1)
+    q = (draft_probs.gather(-1, safe).squeeze(-1) if draft_token_probs is None
+         else draft_token_probs.to(p.dtype))
     greedy_tok = (torch.ones(T, dtype=torch.bool, device=device) if is_greedy is None
                   else is_greedy[req])
-    if variant == "resample":
-        sampled = resampled_token_ids if resampled_token_ids is not None else argmax
-        correction = torch.where(greedy_tok, argmax, sampled.long())
+    if uniform_probs is None:
+        native_random = torch.zeros_like(valid)
     else:
-        p = target_probs.gather(-1, safe).squeeze(-1)
-        q = draft_probs.gather(-1, safe).squeeze(-1)
-        if uniform_probs is None:
-            native_random = torch.zeros_like(accepted)
-        else:
-            native_random = valid & (q > 0) & ((p / q).double() >= uniform_probs)
-        native = torch.where(greedy_tok, valid & (draft == argmax), native_random)
-        accepted = accepted | native
-        rec = recovered_token_ids.long() if recovered_token_ids is not None else argmax
-        correction = torch.where(greedy_tok, argmax, rec)
+        native_random = valid & (q > 0) & ((p / q).double() >= uniform_probs)
+    native = torch.where(greedy_tok, valid & (draft == argmax), native_random)
+    exact_tok = (torch.zeros_like(valid) if exact is None else exact[req])
+    use_native = exact_tok | (variant == "fallback")
 
-    out, num_acc, _ = emit(accepted, draft, correction, bonus_token_ids, req, pos, n, S)
-    return out, num_acc, div
+    passed = valid & (div <= threshold[req]) & ~exact_tok
+    loose = passed & ~native
+    guard_vetoed = loose & ~(p > 0)
+    rule_vetoed = (loose & (p > 0) & veto) if veto is not None else torch.zeros_like(loose)
+    loose = loose & (p > 0) & ~rule_vetoed
+    accepted = (passed & native) | loose | (use_native & native)
+
+    if resampled_token_ids is None:
+        resampled_token_ids = argmax
+    rec = argmax if recovered_token_ids is None else recovered_token_ids.long()
+    sampled = torch.where(use_native, rec, resampled_token_ids.long())
+    correction = torch.where(greedy_tok, argmax, sampled)
+    out, num_acc, in_prefix = emit(accepted, draft, correction, bonus_token_ids, req,
+                                   pos, n, max_spec_len)
+    return FlyVerifyOutput(
+        output_token_ids=out,
+        num_accepted=num_acc,
+        native=native,
+        uncertain=loose,
+        rescued=loose,
+        in_prefix=in_prefix,
+        loose_accepted=loose & in_prefix,
+        gated=valid & ~native & ~passed & ~exact_tok,
+        guard_vetoed=guard_vetoed,
+        rule_vetoed=rule_vetoed,
+        positions=pos,
+        divergence=div,
+    )

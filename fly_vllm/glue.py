@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import time
 import weakref
 from typing import Any, NamedTuple
@@ -20,6 +21,7 @@ from fly_vllm import metrics
 from fly_vllm.config import FlyConfig, FlyConfigError, request_overrides
 from fly_vllm.verifier import FlyVerifyOutput, fly_verify
 
+logger = logging.getLogger("vllm.fly_vllm")  # under vLLM's handler
 _PATCHED_ATTR = "__fly_vllm_patched__"
 GREEDY_TEMPERATURE = 0
 # On accelerators, counters are summed on the device and copied to the host
@@ -79,6 +81,23 @@ def expand_to_tokens(
     return torch.where(out == replace_from, torch.full_like(out, replace_to), out)
 
 
+def sample_from(
+    probs: torch.Tensor,  # [T, V]
+    cu_num_draft_tokens: torch.Tensor,  # [B] inclusive cumsum
+    generators: dict[int, torch.Generator],  # batch row -> seeded generator
+) -> torch.Tensor:
+    """[T] tokens sampled from ``probs`` (the exponential race, as vLLM's
+    samplers do), with each seeded request's own generator."""
+    noise = torch.empty_like(probs).exponential_()
+    if generators:
+        cu = cu_num_draft_tokens.tolist()
+        for b, gen in generators.items():
+            start, end = (cu[b - 1] if b else 0), cu[b]
+            if end > start:
+                noise[start:end].exponential_(generator=gen)
+    return (probs / noise).argmax(dim=-1)
+
+
 def select_verifier(device: torch.device):
     """Triton kernels on GPUs (CUDA and ROCm), the torch reference elsewhere."""
     if device.type == "cuda":
@@ -93,7 +112,7 @@ def select_verifier(device: torch.device):
 class RequestSettings(NamedTuple):
     """One request's effective FLy settings (server defaults + overrides)."""
 
-    threshold: float  # +inf = strict
+    threshold: float  # FLy's entropy threshold, or FSD's T; +inf = strict
     window: int
     structured: bool
     stop_ids: tuple[int, ...]
@@ -124,6 +143,7 @@ class FlyRejectionSampler(RejectionSampler):
         self._last_flush = time.monotonic()
         self._per_request: dict[str, tuple] = {}
         self._tables = None  # token tables for the guards, built on first use
+        self._warned_shape = False
 
     def forward(self, *args, **kwargs):
         token = self._active.set(self)
@@ -152,7 +172,8 @@ class FlyRejectionSampler(RejectionSampler):
         """The effective settings of one batch row (cached per request)."""
         fly = self.fly
         if row is None:
-            thr = float("inf") if fly.strict else fly.entropy_threshold
+            thr = (float("inf") if fly.strict else
+                   fly.fsd_threshold if fly.rule == "fsd" else fly.entropy_threshold)
             return RequestSettings(thr, fly.window, False, (), ())
         rid, sp = row
         cached = self._per_request.get(rid)
@@ -160,11 +181,15 @@ class FlyRejectionSampler(RejectionSampler):
             return cached
         try:
             ov = request_overrides(getattr(sp, "extra_args", None), self.k,
-                                   fly.entropy_top_k)
+                                   fly.entropy_top_k, fly)
         except FlyConfigError:  # validated by the front-end; be safe anyway
             ov = {}
         strict = ov.get("strict", fly.strict)
-        thr = float("inf") if strict else ov.get("entropy_threshold", fly.entropy_threshold)
+        if fly.rule == "fsd":
+            thr = float("inf") if strict else ov.get("fsd_threshold", fly.fsd_threshold)
+        else:
+            thr = float("inf") if strict else ov.get("entropy_threshold",
+                                                     fly.entropy_threshold)
         stops = getattr(sp, "stop", None) or ()
         out = RequestSettings(
             threshold=thr,
@@ -265,6 +290,10 @@ class FlyRejectionSampler(RejectionSampler):
         num_tokens = draft_token_ids.shape[0]
         device = target_logits.device
         is_greedy = target_probs = uniform = recovered = None
+        fsd = self.fly.rule == "fsd"
+        # Under FSD, draft_probs is the greedy drafter's softmax (for the
+        # divergence); vLLM's own p/q test treats that drafter as one-hot.
+        vllm_q = None if fsd else draft_probs
         if not sm.all_greedy:
             # Same calls, same order, as vLLM's rejection_sample: identical
             # random draws, so strict mode reproduces vLLM token for token.
@@ -279,7 +308,7 @@ class FlyRejectionSampler(RejectionSampler):
             target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
             recovered = mod.sample_recovered_tokens(
                 max_spec_len, num_draft_tokens, cu_num_draft_tokens,
-                draft_token_ids, draft_probs, target_probs, sm, device,
+                draft_token_ids, vllm_q, target_probs, sm, device,
                 use_fp64_gumbel,
             )
         settings = [self._settings(r) for r in self._batch_requests(batch)]
@@ -289,6 +318,14 @@ class FlyRejectionSampler(RejectionSampler):
         veto = None
         for m in masks.values():
             veto = m if veto is None else veto | m
+        if fsd:
+            out = self._fsd_verify(
+                draft_token_ids, cu_num_draft_tokens, target_logits, target_probs,
+                draft_probs, bonus_token_ids, max_spec_len, thr, is_greedy, uniform,
+                recovered, veto, sm)
+            if not self._warmup.get():
+                self._record(out, cu_num_draft_tokens, masks)
+            return out.output_token_ids
         out = self._verify(
             draft_token_ids,
             cu_num_draft_tokens,
@@ -310,6 +347,42 @@ class FlyRejectionSampler(RejectionSampler):
             self._record(out, cu_num_draft_tokens, masks)
         return out.output_token_ids
 
+    def _fsd_verify(self, draft_token_ids, cu_num_draft_tokens, target_logits,
+                    target_probs, draft_probs, bonus_token_ids, max_spec_len, thr,
+                    is_greedy, uniform, recovered, veto, sm) -> FlyVerifyOutput:
+        """Rule ``fsd``: FSD's divergence test on the captured draft
+        distribution. Without one (vLLM's warm-up, or a request whose cached
+        draft probabilities vLLM could not find) the step is verified
+        exactly, which is always safe."""
+        from fly_vllm.fsd import fsd_verify
+
+        fly = self.fly
+        if target_probs is None:
+            target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
+        exact = torch.isinf(thr)
+        if draft_probs is None or draft_probs.shape != target_probs.shape:
+            if draft_probs is not None and not self._warned_shape:
+                self._warned_shape = True
+                logger.warning(
+                    "fly-vllm: FSD got draft probabilities of shape %s for target "
+                    "probabilities of shape %s; verifying exactly",
+                    tuple(draft_probs.shape), tuple(target_probs.shape))
+            draft_probs, exact = target_probs, torch.ones_like(exact)
+        resampled = None
+        if is_greedy is not None and fly.fsd_variant == "resample":
+            resampled = sample_from(target_probs, cu_num_draft_tokens,
+                                    sm.generators)
+        return fsd_verify(
+            draft_token_ids, cu_num_draft_tokens, target_probs, draft_probs,
+            bonus_token_ids, max_spec_len,
+            threshold=torch.where(exact, torch.zeros_like(thr), thr),
+            kind=fly.fsd_divergence, variant=fly.fsd_variant, is_greedy=is_greedy,
+            exact=exact, uniform_probs=uniform,
+            # The drafter is greedy: vLLM's p/q test sees a one-hot q.
+            draft_token_probs=torch.ones(draft_token_ids.shape[0],
+                                         device=target_probs.device),
+            recovered_token_ids=recovered, resampled_token_ids=resampled, veto=veto)
+
     def _record(self, out: FlyVerifyOutput, cu_num_draft_tokens: torch.Tensor,
                 masks: dict[str, torch.Tensor]) -> None:
         n = torch.diff(
@@ -330,7 +403,10 @@ class FlyRejectionSampler(RejectionSampler):
         per_pos = torch.zeros(
             metrics.MAX_POSITIONS, dtype=torch.long, device=n.device
         ).scatter_add_(0, out.positions, out.loose_accepted.long())
-        counts = torch.cat([scalars, per_pos.long()])
+        by_rule = torch.zeros(len(metrics.ACCEPT_RULES), dtype=torch.long,
+                              device=n.device)
+        by_rule[metrics.ACCEPT_RULES.index(self.fly.rule)] = scalars[3]
+        counts = torch.cat([scalars, by_rule, per_pos.long()])
         self._pending = counts if self._pending is None else self._pending + counts
         now = time.monotonic()
         if counts.device.type == "cpu" or now - self._last_flush >= FLUSH_INTERVAL_S:

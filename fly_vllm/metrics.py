@@ -14,8 +14,14 @@ Counters (all ``vllm:fly_*`` so ``LLM.get_metrics()`` returns them):
     vllm:fly_native_accepted_tokens_total  accepted by exact (native) match
     vllm:fly_loose_accepted_tokens_total   accepted loosely (rescued)
     vllm:fly_loose_accepted_tokens_per_pos_total{position}
+    vllm:fly_loose_accepted_tokens_by_rule_total{rule}
+                                           loose accepts by acceptance rule:
+                                           "fly" (entropy gate + window) or
+                                           "fsd" (divergence test)
     vllm:fly_uncertain_mismatches_total    mismatches that passed the gate
-    vllm:fly_gated_mismatches_total        confident mismatches (hard rejects)
+                                           (FSD: passed the divergence test)
+    vllm:fly_gated_mismatches_total        confident mismatches (hard rejects;
+                                           FSD: mismatches with D > T)
     vllm:fly_guard_vetoes_total            uncertain mismatches on a -inf logit
     vllm:fly_{digit,structured,eos_stop}_guard_vetoes_total
                                            loose accepts vetoed by each guard
@@ -50,8 +56,10 @@ SCALARS = (
     ("eos_stop_guard_vetoes", "Loose accepts of EOS, stop tokens or stop strings vetoed."),
 )
 GUARD_RULES = ("digits", "structured", "eos_stop")
+ACCEPT_RULES = ("fly", "fsd")
 _INDEX = {name: i for i, (name, _) in enumerate(SCALARS)}
-PER_POS_OFFSET = len(SCALARS)
+BY_RULE_OFFSET = len(SCALARS)
+PER_POS_OFFSET = BY_RULE_OFFSET + len(ACCEPT_RULES)
 NUM_SLOTS = PER_POS_OFFSET + MAX_POSITIONS
 
 _lock = threading.Lock()
@@ -119,6 +127,8 @@ def snapshot() -> dict[str, object]:
     per_pos = t[PER_POS_OFFSET:]
     last = int(np.flatnonzero(per_pos).max()) + 1 if per_pos.any() else 0
     out["loose_accepted_per_pos"] = [int(x) for x in per_pos[:last]]
+    out["loose_accepted_by_rule"] = {
+        r: int(t[BY_RULE_OFFSET + i]) for i, r in enumerate(ACCEPT_RULES)}
     return out
 
 
@@ -133,6 +143,14 @@ class FlyCollector:
             c = CounterMetricFamily(f"vllm:fly_{name}", doc)
             c.add_metric([], float(t[i]))
             yield c
+        by_rule = CounterMetricFamily(
+            "vllm:fly_loose_accepted_tokens_by_rule",
+            "Draft tokens accepted loosely, by acceptance rule (fly or fsd).",
+            labels=["rule"],
+        )
+        for i, r in enumerate(ACCEPT_RULES):
+            by_rule.add_metric([r], float(t[BY_RULE_OFFSET + i]))
+        yield by_rule
         per_pos = CounterMetricFamily(
             "vllm:fly_loose_accepted_tokens_per_pos",
             "Draft tokens accepted loosely, by draft position.",

@@ -23,8 +23,13 @@ patch checks that the vLLM symbol it wraps exists (supported: 0.32.x, 0.33.x):
    routes the call to FLy while a :class:`FlyRejectionSampler` is verifying,
    and to vLLM's function otherwise. vLLM's own ``RejectionSampler.forward``
    (bonus token, penalties, bad words, grammar masks, logprobs) stays in use.
+7. ``SpecDecodeBaseProposer._sample_draft_tokens`` (rule ``fsd`` only): the
+   drafter still drafts greedily, and also returns its softmax at
+   temperature 1, which vLLM's own plumbing for probabilistic drafting
+   (``take_last_draft_probs``) carries to the verifier as ``draft_probs``.
+   vLLM computes those only for sampled batches; FSD needs them always.
 
-Patches 4 to 6 live in heavy vLLM modules (or the OpenAI server's); they are
+Patches 4 to 7 live in heavy vLLM modules (or the OpenAI server's); they are
 patched when vLLM first imports them (or at once if already imported), so the front-end process does
 not import the model runner just to load the plugin.
 """
@@ -248,6 +253,27 @@ def _patch_model_runner_module(mod) -> None:
     _wrap(runner_cls, "_dummy_sampler_run", make_dummy)
 
 
+def _patch_proposer_module(mod) -> None:
+    """Rule ``fsd``: keep the drafter's distribution (see 7 above)."""
+
+    def make(original):
+        @functools.wraps(original)
+        def _sample_draft_tokens(self, hidden_states, sampling_metadata, *args, **kwargs):
+            fsd = getattr(self, "_fly_fsd", None)
+            if fsd is None:
+                fly = fly_config_of(getattr(self, "vllm_config", None))
+                fsd = self._fly_fsd = fly is not None and fly.rule == "fsd"
+            if not fsd:
+                return original(self, hidden_states, sampling_metadata, *args, **kwargs)
+            # [B, V]: greedy drafts, as the authors' drafter, and q at T = 1.
+            logits = self.model.compute_logits(hidden_states)
+            return logits.argmax(dim=-1), logits.float().softmax(dim=-1)
+
+        return _sample_draft_tokens
+
+    _wrap(mod.SpecDecodeBaseProposer, "_sample_draft_tokens", make)
+
+
 # The FLy config of the engine this process configured (set where the
 # engine's config is built, so in the API server of `vllm serve`): the
 # front-end checks per-request settings against it before a stream starts.
@@ -268,7 +294,7 @@ def _check_request_fly(extra: dict | None, fly: FlyConfig | None, k: int | None)
             "per-request fly settings need a server started with "
             "\"method\": \"fly\" in --speculative-config")
     try:
-        request_overrides(extra, k, fly.entropy_top_k)
+        request_overrides(extra, k, fly.entropy_top_k, fly)
     except FlyConfigError as e:
         raise VLLMValidationError(str(e)) from None
 
@@ -319,6 +345,7 @@ _LAZY_PATCHES = {
     "vllm.entrypoints.openai.completion.protocol": _patch_protocol_module,
     "vllm.v1.engine.input_processor": _patch_input_processor_module,
     "vllm.v1.sample.rejection_sampler": _patch_rejection_sampler_module,
+    "vllm.v1.spec_decode.llm_base_proposer": _patch_proposer_module,
     "vllm.v1.worker.gpu_model_runner": _patch_model_runner_module,
 }
 

@@ -7,7 +7,7 @@ the interval since the previous one:
 
     FLy metrics: loose-accept rate 3.1% of drafts (12 loose, 160 native of 390
     drafted), uncertain mismatches 40, gated 95, vetoes: -inf 0, guards 2,
-    loose by position [5, 4, 3]
+    loose by position [5, 4, 3], loose by rule: fly 12
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ def format_line(delta: np.ndarray) -> str | None:
                  ("digit", "structured", "eos_stop"))
     per_pos = delta[metrics.PER_POS_OFFSET:]
     last = int(np.flatnonzero(per_pos).max()) + 1 if per_pos.any() else 0
+    by_rule = ", ".join(f"{r} {int(delta[metrics.BY_RULE_OFFSET + i])}"
+                        for i, r in enumerate(metrics.ACCEPT_RULES)
+                        if delta[metrics.BY_RULE_OFFSET + i])
     return (
         f"FLy metrics: loose-accept rate {loose / drafted:.1%} of drafts "
         f"({loose} loose, {int(delta[idx['native_accepted_tokens']])} native of "
@@ -42,6 +45,7 @@ def format_line(delta: np.ndarray) -> str | None:
         f"{int(delta[idx['gated_mismatches']])}, vetoes: -inf "
         f"{int(delta[idx['guard_vetoes']])}, guards {guards}, loose by position "
         f"{[int(x) for x in per_pos[:last]]}"
+        + (f", loose by rule: {by_rule}" if by_rule else "")
     )
 
 

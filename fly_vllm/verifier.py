@@ -62,7 +62,8 @@ class FlyVerifyOutput:
         rule_vetoed: [T] bool, uncertain mismatch vetoed by a quality guard
             (the ``veto`` input).
         positions: [T] int64, position of each draft token in its request.
-        entropy: [T] float32, top-k entropy in nats.
+        entropy: [T] float32, top-k entropy in nats (FLy; None for FSD).
+        divergence: [T] float32, D(p, q) per draft (FSD; None for FLy).
     """
 
     output_token_ids: torch.Tensor
@@ -76,7 +77,8 @@ class FlyVerifyOutput:
     guard_vetoed: torch.Tensor
     rule_vetoed: torch.Tensor
     positions: torch.Tensor
-    entropy: torch.Tensor
+    entropy: torch.Tensor | None = None
+    divergence: torch.Tensor | None = None
 
 
 def topk_entropy(

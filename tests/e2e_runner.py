@@ -48,7 +48,7 @@ def main() -> None:
         if not m.name.startswith("vllm:"):
             continue
         key = m.name + "".join(f"[{k}={v}]" for k, v in sorted(m.labels.items())
-                               if k == "position")
+                               if k in ("position", "rule"))
         if hasattr(m, "values"):
             metrics[key] = list(m.values)
         elif hasattr(m, "value"):

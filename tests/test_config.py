@@ -145,3 +145,46 @@ def test_request_overrides():
                        ({"fly_entropy_threshold": 1e30}, "above 1.099, the largest top-3")]:
         with pytest.raises(FlyConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
             request_overrides(bad, 8)
+
+
+def test_fsd_rule_config():
+    _, fly = parse_fly_config({**BASE, "fly": {"rule": "fsd"}})
+    assert (fly.rule, fly.fsd_divergence, fly.fsd_threshold, fly.fsd_variant) == (
+        "fsd", "js", 0.4, "resample")
+    _, fly = parse_fly_config({**BASE, "fly": {"rule": "fsd", "fsd_divergence": "tv",
+                                               "fsd_threshold": 0.2,
+                                               "fsd_variant": "fallback"}})
+    assert (fly.fsd_divergence, fly.fsd_threshold, fly.fsd_variant) == (
+        "tv", 0.2, "fallback")
+    ngram = {"method": "fly", "prompt_lookup_max": 3, "num_speculative_tokens": 4}
+    for cfg, words in [
+        ({**BASE, "fly": {"rule": "fuzzy"}}, "fly.rule must be one of"),
+        ({**ngram, "fly": {"rule": "fsd"}}, "the 'ngram' drafter proposes tokens without"),
+        ({**BASE, "draft_sample_method": "probabilistic", "fly": {"rule": "fsd"}},
+         "drafts greedily"),
+        ({**BASE, "fly": {"rule": "fsd", "window": 2}}, "fly.window applies to rule 'fly'"),
+        ({**BASE, "fly": {"fsd_threshold": 0.1}}, "fly.fsd_threshold applies to rule 'fsd'"),
+        ({**BASE, "fly": {"rule": "fsd", "fsd_divergence": "kl"}}, "fsd_divergence must be"),
+        ({**BASE, "fly": {"rule": "fsd", "fsd_variant": "x"}}, "fsd_variant must be"),
+        ({**BASE, "fly": {"rule": "fsd", "fsd_divergence": "kl_draft_target"}},
+         "fsd_threshold is required"),
+        ({**BASE, "fly": {"rule": "fsd", "fsd_threshold": 0.7}}, "between 0 and 0.6931"),
+        ({**BASE, "fly": {"rule": "fsd", "fsd_divergence": "tv", "fsd_threshold": -1}},
+         "between 0 and 1"),
+    ]:
+        with pytest.raises(FlyConfigError, match=words):
+            parse_fly_config(cfg)
+
+
+def test_fsd_request_overrides():
+    from fly_vllm.config import request_overrides
+
+    _, fsd = parse_fly_config({**BASE, "fly": {"rule": "fsd"}})
+    assert request_overrides({"fly_fsd_threshold": "0.1", "fly_strict": "false"}, 8, 3,
+                             fsd) == {"fsd_threshold": 0.1, "strict": False}
+    with pytest.raises(FlyConfigError, match="'window' for a server with rule 'fsd'"):
+        request_overrides({"fly_window": 2}, 8, 3, fsd)
+    with pytest.raises(FlyConfigError, match="between 0 and 0.6931"):
+        request_overrides({"fly": {"fsd_threshold": 0.9}}, 8, 3, fsd)
+    with pytest.raises(FlyConfigError, match="'fsd_threshold' for a server with rule 'fly'"):
+        request_overrides({"fly_fsd_threshold": 0.1}, 8)

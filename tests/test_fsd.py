@@ -35,20 +35,26 @@ def ref_div(p, q, kind):
 
 
 def ref_request(drafts, P, Q, bonus, T, kind, variant, greedy=True, u=None, rec=None,
-                res=None):
+                res=None, exact=False, veto=None):
+    """One request, written from the rule: accept iff D <= T (a draft that
+    the native test would reject also needs p(d) > 0 and no veto); the native
+    test also accepts under "fallback" and for exact requests."""
     for i, d in enumerate(drafts):
         p, q = P[i], Q[i]
-        ok = ref_div(p, q, kind) <= T
-        if variant == "fallback":
-            if greedy:
-                ok = ok or d == max(range(len(p)), key=lambda j: (p[j], -j))
-            else:
-                ok = ok or (q[d] > 0 and p[d] / q[d] >= u[i])
+        argmax = max(range(len(p)), key=lambda j: (p[j], -j))
+        if greedy:
+            native = d == argmax
+        else:
+            native = q[d] > 0 and p[d] / q[d] >= u[i]
+        ok = not exact and ref_div(p, q, kind) <= T
+        if ok and not native:
+            ok = p[d] > 0 and not (veto and veto[i])
+        if variant == "fallback" or exact:
+            ok = ok or native
         if not ok:
-            argmax = max(range(len(p)), key=lambda j: (p[j], -j))
             if greedy:
                 return drafts[:i] + [argmax]
-            return drafts[:i] + [res[i] if variant == "resample" else rec[i]]
+            return drafts[:i] + [rec[i] if variant == "fallback" or exact else res[i]]
     return drafts + [bonus]
 
 
@@ -56,10 +62,10 @@ def ref_request(drafts, P, Q, bonus, T, kind, variant, greedy=True, u=None, rec=
 def test_identical_distributions_always_accept(kind):
     p = torch.softmax(torch.randn(5, 7), -1)
     assert torch.allclose(divergence(p, p, kind), torch.zeros(5), atol=1e-6)
-    out, n_acc, _ = fsd_verify(torch.tensor([1, 2, 3, 4, 5]), torch.tensor([5]), p, p.clone(),
-                               torch.tensor([[9]]), 5, threshold=torch.tensor([0.0]),
-                               kind=kind)
-    assert out[0].tolist() == [1, 2, 3, 4, 5, 9] and n_acc.tolist() == [5]
+    r = fsd_verify(torch.tensor([1, 2, 3, 4, 5]), torch.tensor([5]), p, p.clone(),
+                   torch.tensor([[9]]), 5, threshold=torch.tensor([0.0]), kind=kind)
+    assert r.output_token_ids[0].tolist() == [1, 2, 3, 4, 5, 9]
+    assert r.num_accepted.tolist() == [5]
 
 
 def test_disjoint_supports():
@@ -69,12 +75,20 @@ def test_disjoint_supports():
     assert divergence(p, q, "tv").item() == pytest.approx(1.0)
     assert divergence(p, q, "kl_target_draft").item() == math.inf
     assert divergence(p, q, "kl_draft_target").item() == math.inf
-    out, _, _ = fsd_verify(torch.tensor([2]), torch.tensor([1]), p, q, torch.tensor([[3]]),
-                           1, threshold=torch.tensor([0.69]), kind="js")
-    assert out[0].tolist() == [0, PLACEHOLDER_TOKEN_ID]  # rejected, argmax 0
-    out, _, _ = fsd_verify(torch.tensor([2]), torch.tensor([1]), p, q, torch.tensor([[3]]),
-                           1, threshold=torch.tensor([0.7]), kind="js")
-    assert out[0].tolist() == [2, 3]  # ln 2 <= 0.7: accepted though p(2) = 0
+    r = fsd_verify(torch.tensor([2]), torch.tensor([1]), p, q, torch.tensor([[3]]),
+                   1, threshold=torch.tensor([0.69]), kind="js")
+    assert r.output_token_ids[0].tolist() == [0, PLACEHOLDER_TOKEN_ID]  # argmax 0
+    assert r.gated.tolist() == [True] and r.guard_vetoed.tolist() == [False]
+    # ln 2 <= 0.7 passes the test, but p(2) = 0 (a masked token in vLLM): the
+    # guard still refuses it, where the authors' code would accept it.
+    r = fsd_verify(torch.tensor([2]), torch.tensor([1]), p, q, torch.tensor([[3]]),
+                   1, threshold=torch.tensor([0.7]), kind="js")
+    assert r.output_token_ids[0].tolist() == [0, PLACEHOLDER_TOKEN_ID]
+    assert r.guard_vetoed.tolist() == [True]
+    # Where the draft token has target mass, the same test accepts it.
+    r = fsd_verify(torch.tensor([1]), torch.tensor([1]), p, q, torch.tensor([[3]]),
+                   1, threshold=torch.tensor([0.7]), kind="js")
+    assert r.output_token_ids[0].tolist() == [1, 3]
 
 
 def test_fallback_with_minus_inf_threshold_is_exact_speculation():
@@ -82,8 +96,8 @@ def test_fallback_with_minus_inf_threshold_is_exact_speculation():
     q = torch.softmax(torch.randn(4, 6), -1)
     drafts = p.argmax(-1).clone()
     drafts[2] = (drafts[2] + 1) % 6
-    out, _, _ = fsd_verify(drafts, torch.tensor([4]), p, q, torch.tensor([[7]]), 4,
-                           threshold=torch.tensor([-math.inf]), variant="fallback")
+    out = fsd_verify(drafts, torch.tensor([4]), p, q, torch.tensor([[7]]), 4,
+                     threshold=torch.tensor([-math.inf]), variant="fallback").output_token_ids
     assert out[0].tolist() == drafts[:2].tolist() + [p[2].argmax().item(), -1, -1]
 
 
@@ -107,18 +121,20 @@ def test_matches_reference(data):
     u = torch.rand(T_, generator=g, dtype=torch.float64)
     rec = torch.randint(0, V, (T_,), generator=g)
     res = torch.randint(0, V, (T_,), generator=g)
-    out, _, _ = fsd_verify(drafts, torch.tensor(n).cumsum(0), P, Q,
-                           torch.arange(100, 100 + len(n)).reshape(-1, 1), max(n + [1]),
-                           threshold=torch.full((len(n),), thr), kind=kind,
-                           variant=variant, is_greedy=torch.tensor(greedy),
-                           uniform_probs=u, recovered_token_ids=rec,
-                           resampled_token_ids=res)
+    exact = data.draw(st.lists(st.booleans(), min_size=len(n), max_size=len(n)))
+    veto = torch.rand(T_, generator=g) < 0.2
+    out = fsd_verify(drafts, torch.tensor(n).cumsum(0), P, Q,
+                     torch.arange(100, 100 + len(n)).reshape(-1, 1), max(n + [1]),
+                     threshold=torch.full((len(n),), thr), kind=kind,
+                     variant=variant, is_greedy=torch.tensor(greedy),
+                     exact=torch.tensor(exact), uniform_probs=u, recovered_token_ids=rec,
+                     resampled_token_ids=res, veto=veto).output_token_ids
     start = 0
     for b, k in enumerate(n):
         sl = slice(start, start + k)
         want = ref_request(drafts[sl].tolist(), P[sl].tolist(), Q[sl].tolist(), 100 + b,
                            thr, kind, variant, greedy[b], u[sl].tolist(), rec[sl].tolist(),
-                           res[sl].tolist())
+                           res[sl].tolist(), exact[b], veto[sl].tolist())
         got = [t for t in out[b].tolist() if t != PLACEHOLDER_TOKEN_ID]
         assert got == want
         start += k

@@ -170,3 +170,24 @@ def test_per_request_hooks(root):
         body = ast.unparse(find(module(root, f"entrypoints/openai/{kind}/serving.py"),
                                 handler, ast.ClassDef))
         assert body.index("to_sampling_params(") < body.index("engine_client.generate(")
+
+
+@pytest.mark.parametrize("root", roots())
+def test_fsd_draft_probs_hooks(root):
+    """Rule fsd: the drafter's per-step sampler we wrap, and vLLM's plumbing
+    that carries its probabilities to the rejection sampler as draft_probs."""
+    tree = module(root, "v1/spec_decode/llm_base_proposer.py")
+    fn = method(tree, "SpecDecodeBaseProposer", "_sample_draft_tokens")
+    assert params(fn) == ["self", "hidden_states", "sampling_metadata"]
+    propose = ast.unparse(method(tree, "SpecDecodeBaseProposer", "propose"))
+    assert "self._sample_draft_tokens(" in propose
+    assert "self._last_draft_probs = torch.stack(draft_probs_list, dim=1)" in propose
+    assert "return self._last_draft_probs" in ast.unparse(
+        method(tree, "SpecDecodeBaseProposer", "take_last_draft_probs"))
+    assert "self.model.compute_logits(" in ast.unparse(tree)
+    runner = module(root, "v1/worker/gpu_model_runner.py")
+    prop = ast.unparse(method(runner, "GPUModelRunner", "propose_draft_token_ids"))
+    assert "self.drafter.take_last_draft_probs()" in prop
+    assert "self._draft_prob_req_ids = self.input_batch.req_ids.copy()" in prop
+    assert ("draft_probs = self._get_spec_decode_draft_probs(spec_decode_metadata)"
+            in ast.unparse(runner))
