@@ -7,6 +7,10 @@
         Validate a speculative config and print what vLLM will receive.
     fly-vllm demo [--model M] [--draft D] ...
         Target alone vs strict vs FLy speculative decoding (see demo.py).
+    fly-vllm calibrate --model T --speculative-config fly.json --prompts FILE
+            [--retention 0.995] [--agreement answer|exact] [--out fly.json]
+        Search the threshold (and W) for the largest mean accepted length that
+        keeps the target's answers; write a ready fly.json (see calibrate.py).
 """
 
 from __future__ import annotations
@@ -106,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(rest)
     if cmd == "check-config":
         return _check_config(rest)
+    if cmd == "calibrate":
+        from fly_vllm.calibrate import main as calibrate_main
+
+        return calibrate_main(rest)
     if cmd == "demo":
         from fly_vllm.demo import main as demo_main
 

@@ -1,0 +1,299 @@
+"""``fly-vllm calibrate``: pick the loosest setting that meets a quality target.
+
+Given a model pair (a target and a FLy speculative config naming the
+drafter), a prompt file and a target agreement (say 0.995), it
+
+1. runs every prompt exactly (per-request ``strict``: lossless speculation,
+   the target's own greedy output) as the reference;
+2. runs every prompt again for each point of a grid, through per-request
+   overrides on the same engine: FLy's ``entropy_threshold`` x ``window``, or
+   FSD's ``fsd_threshold`` (the rule comes from the config);
+3. measures, per point, the agreement with the reference (the share of
+   prompts whose answer is the same) and the mean accepted length (vLLM's
+   counters: 1 + accepted / drafts);
+4. writes the point with the largest mean accepted length whose agreement
+   meets the target as a ready fly.json, with the calibration set's size, the
+   agreement and its exact 95% lower bound in its header comments.
+
+Agreement, ``--agreement``:
+    ``answer`` (default): the last number of the output (``####`` answers
+        first), as GSM8K is scored; prompts whose reference has no number
+        compare whole texts.
+    ``exact``: the whole output text.
+
+Prompt file: one prompt per line, or JSON lines with ``"prompt"`` (plain
+completion) or ``"messages"`` (chat, with the model's template).
+
+Greedy decoding throughout (the reference is the target's greedy output).
+With n prompts, a point that agrees on all n only shows agreement >= 0.05 **
+(1 / n) at 95% confidence: 0.995 needs about 600 prompts to be shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from fly_vllm.bench.scoring import gsm8k_extract
+from fly_vllm.config import (
+    FSD_MAX_THRESHOLD,
+    FlyConfigError,
+    is_fly,
+    load_speculative_config,
+    max_topk_entropy,
+    parse_fly_config,
+)
+
+DEFAULT_FLY_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
+DEFAULT_FLY_WINDOWS = (1, 2, 3, 4, 6)
+DEFAULT_FSD_THRESHOLDS = {"js": (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5),
+                          "tv": (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)}
+
+
+def binom_lower_bound(k: int, n: int, alpha: float = 0.05) -> float:
+    """One-sided exact (Clopper-Pearson) lower confidence bound for a
+    proportion k / n: the p with P[Bin(n, p) >= k] = alpha."""
+    if n <= 0 or k <= 0:
+        return 0.0
+
+    def tail(p: float) -> float:  # P[X >= k]
+        return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+    lo, hi = 0.0, k / n
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tail(mid) < alpha else (lo, mid)
+    return lo
+
+
+def answer_of(text: str, how: str) -> str:
+    if how == "answer":
+        got = gsm8k_extract(text)
+        if got is not None:
+            return got
+    return text.strip()
+
+
+def read_prompts(path: str) -> list[dict[str, Any]]:
+    """Prompts as ``{"prompt": str}`` or ``{"messages": [...]}``."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            item: Any = line.rstrip("\n")
+            if line.lstrip().startswith("{"):
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{lineno}: invalid JSON line: {e.msg}") from None
+            if isinstance(item, str):
+                item = {"prompt": item}
+            if not isinstance(item, dict) or not (
+                    isinstance(item.get("prompt"), str) or isinstance(item.get("messages"), list)):
+                raise SystemExit(f"{path}:{lineno}: expected a text line, or a JSON object "
+                                 "with \"prompt\" (a string) or \"messages\" (a list)")
+            out.append(item)
+    if not out:
+        raise SystemExit(f"{path}: no prompts")
+    return out
+
+
+def grid_points(fly, k: int, thresholds: list[float] | None,
+                windows: list[int] | None) -> list[dict[str, Any]]:
+    """The per-request overrides to try, loosest-last within each window."""
+    if fly.rule == "fsd":
+        ts = thresholds or DEFAULT_FSD_THRESHOLDS.get(fly.fsd_divergence)
+        if ts is None:
+            raise SystemExit(f"--thresholds is required for fsd_divergence "
+                             f"{fly.fsd_divergence!r} (no default grid)")
+        hi = FSD_MAX_THRESHOLD.get(fly.fsd_divergence, math.inf)
+        return [{"fsd_threshold": float(t)} for t in ts if 0 <= t <= hi]
+    ts = thresholds or DEFAULT_FLY_THRESHOLDS
+    ws = windows or DEFAULT_FLY_WINDOWS
+    top = max_topk_entropy(fly.entropy_top_k)
+    pts = [{"entropy_threshold": float(t), "window": int(w)}
+           for w in ws if 1 <= w < k for t in sorted(ts, reverse=True) if 0 <= t <= top]
+    if not pts:
+        raise SystemExit(f"no grid point fits: windows must be 1..{k - 1} (K={k}) and "
+                         f"thresholds 0..{top:.4g}")
+    return pts
+
+
+def choose(rows: list[dict], target: float) -> dict | None:
+    """The row with the largest mean accepted length whose agreement meets
+    the target (ties: the higher agreement)."""
+    ok = [r for r in rows if r["agreement"] >= target and r["mean_accepted_length"]]
+    if not ok:
+        return None
+    return max(ok, key=lambda r: (r["mean_accepted_length"], r["agreement"]))
+
+
+def write_config(path: str, spec: dict, point: dict | None, report: list[str]) -> None:
+    """The base config with the chosen point in its ``fly`` block (strict if
+    no point met the target), the report as ``//`` comments on top."""
+    spec = json.loads(json.dumps(spec))
+    block = spec.setdefault("fly", {})
+    block.pop("strict", None)
+    if point is None:
+        block["strict"] = True
+    else:
+        block.update(point)
+    with open(path, "w", encoding="utf-8") as f:
+        for line in report:
+            f.write(f"// {line}\n")
+        json.dump(spec, f, indent=2)
+        f.write("\n")
+
+
+def _fmt_point(p: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in p.items())
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        spec = load_speculative_config(args.speculative_config)
+        if not is_fly(spec):
+            raise FlyConfigError("calibrate needs a FLy config (\"method\": \"fly\")")
+        vllm_spec, fly = parse_fly_config(spec)
+    except FlyConfigError as e:
+        print(f"fly-vllm calibrate: {e}", file=sys.stderr)
+        return 2
+    if not 0 < args.retention <= 1:
+        print("fly-vllm calibrate: --retention must be in (0, 1]", file=sys.stderr)
+        return 2
+    k = vllm_spec["num_speculative_tokens"]
+    if fly.rule == "fsd" and args.windows:
+        print("fly-vllm calibrate: --windows applies to rule 'fly' only", file=sys.stderr)
+        return 2
+    points = grid_points(fly, k, args.thresholds, args.windows)
+    prompts = read_prompts(args.prompts)
+    n = len(prompts)
+    print(f"[calibrate] {n} prompts, {len(points)} grid points + 1 reference run, "
+          f"rule {fly.rule}, K={k}, agreement by {args.agreement}", file=sys.stderr,
+          flush=True)
+
+    from fly_vllm.bench.offline import acceptance, counter_delta, counters, worker_env
+
+    os.environ.update(worker_env(dict(os.environ)))
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=args.model, speculative_config=spec, disable_log_stats=False,
+              enforce_eager=True, dtype=args.dtype, max_model_len=args.max_model_len,
+              seed=0, max_num_seqs=args.max_num_seqs)
+
+    def generate(overrides: dict) -> tuple[list[str], dict]:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
+                                extra_args={"fly": overrides})
+        before = counters(llm)
+        texts: list[str | None] = [None] * n
+        plain = [i for i, p in enumerate(prompts) if "prompt" in p]
+        chat = [i for i, p in enumerate(prompts) if "prompt" not in p]
+        if plain:
+            outs = llm.generate([prompts[i]["prompt"] for i in plain], params,
+                                use_tqdm=False)
+            for i, o in zip(plain, outs):
+                texts[i] = o.outputs[0].text
+        if chat:
+            outs = llm.chat([prompts[i]["messages"] for i in chat], params, use_tqdm=False)
+            for i, o in zip(chat, outs):
+                texts[i] = o.outputs[0].text
+        return texts, acceptance(counter_delta(counters(llm), before))
+
+    t0 = time.perf_counter()
+    ref_texts, ref_acc = generate({"strict": True})
+    ref = [answer_of(t, args.agreement) for t in ref_texts]
+    rows = [{"point": {"strict": True}, "agreement": 1.0, "agree": n,
+             "lower": binom_lower_bound(n, n),
+             "mean_accepted_length": ref_acc["mean_accepted_length"], "loose_rate": 0.0}]
+    print(f"[calibrate] reference (strict) done in {time.perf_counter() - t0:.0f}s; "
+          f"mean accepted length {ref_acc['mean_accepted_length'] or 0:.2f}",
+          file=sys.stderr, flush=True)
+    for j, point in enumerate(points, 1):
+        texts, acc = generate(point)
+        agree = sum(answer_of(t, args.agreement) == r for t, r in zip(texts, ref))
+        rows.append({"point": point, "agree": agree, "agreement": agree / n,
+                     "lower": binom_lower_bound(agree, n),
+                     "mean_accepted_length": acc["mean_accepted_length"],
+                     "loose_rate": acc["loose_rate"]})
+        print(f"[calibrate] {j}/{len(points)} {_fmt_point(point)}: agreement "
+              f"{agree}/{n}, mean accepted length {acc['mean_accepted_length'] or 0:.2f} "
+              f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+
+    best = choose(rows[1:], args.retention)
+    header = f"{'setting':<40} {'agree':>9} {'agreement':>9} {'95% low':>8} {'acc len':>8}"
+    table = [header, "-" * len(header)]
+    for r in rows:
+        mark = " <- chosen" if best is not None and r is best else ""
+        table.append(f"{_fmt_point(r['point']):<40} {r['agree']:>4}/{n:<4} "
+                     f"{r['agreement']:>9.3f} {r['lower']:>8.3f} "
+                     f"{r['mean_accepted_length'] or 0:>8.2f}{mark}")
+    print("\n".join(table))
+    report = [
+        f"Calibrated by fly-vllm calibrate on {time.strftime('%Y-%m-%d')}: target "
+        f"{args.model}, {n} prompts from {args.prompts},",
+        f"greedy, max_tokens {args.max_tokens}, agreement by {args.agreement} with the "
+        f"target's own output, required >= {args.retention}.",
+    ]
+    if best is None:
+        report.append("No loose setting met the target on this set: exact (strict) "
+                      "verification written.")
+        print(f"[calibrate] no grid point reached agreement {args.retention}; writing "
+              "strict (exact) verification", file=sys.stderr)
+    else:
+        report += [
+            f"Chosen: {_fmt_point(best['point'])}: agreement {best['agree']}/{n} = "
+            f"{best['agreement']:.3f} (exact 95% lower bound {best['lower']:.3f}),",
+            f"mean accepted length {best['mean_accepted_length']:.2f} (strict: "
+            f"{rows[0]['mean_accepted_length'] or 0:.2f}).",
+        ]
+        if best["lower"] < args.retention:
+            report.append(f"With {n} prompts the set cannot show {args.retention} at 95% "
+                          f"confidence: the bound is {best['lower']:.3f}.")
+    write_config(args.out, spec, None if best is None else best["point"], report)
+    print("\n".join(report))
+    print(f"[calibrate] wrote {args.out}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"rows": rows, "chosen": best, "n": n, "retention": args.retention,
+                       "agreement": args.agreement}, f, indent=1)
+    return 0
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="fly-vllm calibrate", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the target model")
+    ap.add_argument("--speculative-config", required=True,
+                    help="a FLy config (file or inline JSON) naming the drafter and K; "
+                         "its fly.rule picks the grid")
+    ap.add_argument("--prompts", required=True, help="prompt file (text or JSON lines)")
+    ap.add_argument("--retention", type=float, default=0.995,
+                    help="required agreement with the target's output (default 0.995)")
+    ap.add_argument("--agreement", choices=("answer", "exact"), default="answer")
+    ap.add_argument("--thresholds", type=_floats, default=None,
+                    help="comma-separated thresholds (FLy: entropy in nats; FSD: T)")
+    ap.add_argument("--windows", type=_ints, default=None,
+                    help="comma-separated windows W (FLy only; each < K)")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--out", default="fly.calibrated.json", help="the fly.json to write")
+    ap.add_argument("--json", default=None, help="also write every row as JSON here")
+    return run(ap.parse_args(argv))
