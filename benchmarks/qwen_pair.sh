@@ -14,7 +14,13 @@
 #    SWEEP_THRESHOLDS at W, and windows SWEEP_WINDOWS at threshold 0.3 (W=3 is
 #    FLy's own default for K=4);
 # 5. speed against requests at once: AT_ONCE_LIMIT items per dataset at 1 and
-#    3 at once, every mode (30 at once is the retention run itself).
+#    3 at once, every mode (30 at once is the retention run itself);
+# 6. the quality guards: FLy with the digit guard, and with the EOS/stop
+#    guard, on the retention items (the no-spec and FLy runs of step 2 are
+#    reused from its raw/ cache);
+# 7. calibration: `fly-vllm calibrate` on CALIB_N GSM8K items held out from
+#    the retention items (items GSM8K_N .. GSM8K_N + CALIB_N - 1), then the
+#    chosen config checked on the retention items.
 # Sizes and modes can be changed through the variables below; every run is
 # cached under OUT/*/raw, so an interrupted run resumes where it stopped.
 set -euo pipefail
@@ -32,6 +38,9 @@ SWEEP_THRESHOLDS=${SWEEP_THRESHOLDS:-0.9}
 SWEEP_WINDOWS=${SWEEP_WINDOWS:-3}
 AT_ONCE_LIMIT=${AT_ONCE_LIMIT:-4}
 AT_ONCE_TOKENS=${AT_ONCE_TOKENS:-64}
+CALIB_N=${CALIB_N:-40}
+CALIB_RETENTION=${CALIB_RETENTION:-0.95}
+CALIB_TOKENS=${CALIB_TOKENS:-384}
 K=${K:-4}
 W=${W:-2}
 
@@ -56,3 +65,26 @@ $py benchmarks/run_bench.py "${common[@]}" --out "$out/sweep" \
 $py benchmarks/run_bench.py "${common[@]}" --out "$out/at-once" \
   --modes nospec,strict,fly,fly-ngram --datasets gsm8k,humaneval \
   --limit "$AT_ONCE_LIMIT" --max-tokens "$AT_ONCE_TOKENS" --concurrency 1,3
+
+mkdir -p "$out/guards/raw"
+cp -n "$out"/retention/raw/* "$out/guards/raw/"
+$py benchmarks/run_bench.py "${common[@]}" --out "$out/guards" \
+  --modes nospec,fly,fly-digits,fly-eos --datasets gsm8k,humaneval \
+  --limit "gsm8k=$GSM8K_N,humaneval=$HUMANEVAL_N" --max-tokens "$MAX_TOKENS" \
+  --concurrency "$RETENTION_AT"
+
+mkdir -p "$out/calibrate"
+$py - "$GSM8K_N" "$CALIB_N" >"$out/calibrate/prompts.jsonl" <<'PY'
+import json, sys
+from fly_vllm.bench.datasets import load_gsm8k
+start, n = int(sys.argv[1]), int(sys.argv[2])
+for it in load_gsm8k(start + n)[start:]:
+    print(json.dumps({"id": it.id, "messages": it.messages}))
+PY
+spec=$(printf '{"method": "fly", "model": "%s", "num_speculative_tokens": %s}' "$draft" "$K")
+$py -m fly_vllm.cli calibrate --model "$target" --speculative-config "$spec" \
+  --prompts "$out/calibrate/prompts.jsonl" --retention "$CALIB_RETENTION" \
+  --agreement answer --thresholds 0.3,0.6,0.9 --windows 2,3 --dtype bfloat16 \
+  --max-tokens "$CALIB_TOKENS" --max-num-seqs "$RETENTION_AT" \
+  --out "$out/calibrate/fly.json" --json "$out/calibrate/rows.json" \
+  | tee "$out/calibrate/table.txt"

@@ -311,7 +311,9 @@ class FlyRejectionSampler(RejectionSampler):
                 draft_token_ids, vllm_q, target_probs, sm, device,
                 use_fp64_gumbel,
             )
-        settings = [self._settings(r) for r in self._batch_requests(batch)]
+        rows = self._batch_requests(batch)
+        req_ids = [r[0] if r is not None else None for r in rows]
+        settings = [self._settings(r) for r in rows]
         thr, window, span = self.request_params(settings, device)
         masks = self.guard_masks(settings, num_draft_tokens, draft_token_ids,
                                  target_logits)
@@ -324,7 +326,7 @@ class FlyRejectionSampler(RejectionSampler):
                 draft_probs, bonus_token_ids, max_spec_len, thr, is_greedy, uniform,
                 recovered, veto, sm)
             if not self._warmup.get():
-                self._record(out, cu_num_draft_tokens, masks)
+                self._record(out, cu_num_draft_tokens, masks, req_ids)
             return out.output_token_ids
         out = self._verify(
             draft_token_ids,
@@ -344,7 +346,7 @@ class FlyRejectionSampler(RejectionSampler):
             veto=veto,
         )
         if not self._warmup.get():
-            self._record(out, cu_num_draft_tokens, masks)
+            self._record(out, cu_num_draft_tokens, masks, req_ids)
         return out.output_token_ids
 
     def _fsd_verify(self, draft_token_ids, cu_num_draft_tokens, target_logits,
@@ -383,8 +385,21 @@ class FlyRejectionSampler(RejectionSampler):
                                          device=target_probs.device),
             recovered_token_ids=recovered, resampled_token_ids=resampled, veto=veto)
 
+    def _record_requests(self, req_ids: list, out: FlyVerifyOutput,
+                         n: torch.Tensor) -> None:
+        """Per-request totals (metrics.RequestTable): one [B, 4] copy to the
+        host per step."""
+        batch = n.shape[0]
+        req = torch.searchsorted(n.cumsum(0), torch.arange(out.positions.shape[0],
+                                                          device=n.device), right=True)
+        loose = torch.zeros(batch, dtype=torch.long, device=n.device).scatter_add_(
+            0, req, out.loose_accepted.long())
+        per_req = torch.stack([(n > 0).long(), n.long(), out.num_accepted.long() - loose,
+                               loose], dim=1)
+        metrics.request_table().add(req_ids, per_req.cpu().numpy())
+
     def _record(self, out: FlyVerifyOutput, cu_num_draft_tokens: torch.Tensor,
-                masks: dict[str, torch.Tensor]) -> None:
+                masks: dict[str, torch.Tensor], req_ids: list | None = None) -> None:
         n = torch.diff(
             cu_num_draft_tokens.long(), prepend=cu_num_draft_tokens.new_zeros(1)
         )
@@ -407,6 +422,8 @@ class FlyRejectionSampler(RejectionSampler):
                               device=n.device)
         by_rule[metrics.ACCEPT_RULES.index(self.fly.rule)] = scalars[3]
         counts = torch.cat([scalars, by_rule, per_pos.long()])
+        if req_ids is not None:
+            self._record_requests(req_ids, out, n)
         self._pending = counts if self._pending is None else self._pending + counts
         now = time.monotonic()
         if counts.device.type == "cpu" or now - self._last_flush >= FLUSH_INTERVAL_S:

@@ -178,3 +178,76 @@ def register_collector() -> None:
             return
         REGISTRY.register(FlyCollector())
         _collector_registered = True
+
+
+# --------------------------------------------------------------------------
+# Per-request totals: a fixed-size table per worker (no file growth), keyed by
+# vLLM's internal request id ("<external id>-<8 random characters>").
+
+REQUEST_FIELDS = ("steps", "draft_tokens", "native_accepted_tokens",
+                  "loose_accepted_tokens")
+REQUEST_SLOTS = 16384
+_REQUEST_DTYPE = np.dtype([("id", "S96"), ("c", np.int64, len(REQUEST_FIELDS))])
+
+
+class RequestTable:
+    """This worker's per-request counters: REQUEST_SLOTS rows reused round
+    robin, so the oldest request's row is overwritten after that many."""
+
+    def __init__(self, directory: Path):
+        self.rows = np.lib.format.open_memmap(
+            directory / f"requests-{os.getpid()}.bin", mode="w+", dtype=_REQUEST_DTYPE,
+            shape=(REQUEST_SLOTS,))
+        self.slot: dict[str, int] = {}
+        self.next = 0
+
+    def add(self, req_ids: list[str | None], counts: np.ndarray) -> None:
+        """counts: [B, 4] increments (REQUEST_FIELDS) for the batch rows."""
+        for rid, c in zip(req_ids, counts):
+            if rid is None or not c.any():
+                continue
+            s = self.slot.get(rid)
+            if s is None:
+                s = self.next
+                self.next = (self.next + 1) % REQUEST_SLOTS
+                old = self.rows[s]["id"].decode(errors="replace")
+                self.slot.pop(old, None)
+                self.slot[rid] = s
+                self.rows[s] = (rid.encode()[:96], np.zeros(len(REQUEST_FIELDS), np.int64))
+            self.rows[s]["c"] += c
+
+
+_requests: RequestTable | None = None
+
+
+def request_table() -> RequestTable:
+    global _requests
+    with _lock:
+        if _requests is None:
+            _requests = RequestTable(metrics_dir())
+        return _requests
+
+
+def _external_id(internal: str) -> str:
+    """vLLM appends "-" and 8 random characters to the id a caller gives."""
+    head, sep, tail = internal.rpartition("-")
+    return head if sep and len(tail) == 8 else internal
+
+
+def request_totals(directory: Path | None = None) -> dict[str, dict[str, int]]:
+    """Per-request totals from every worker, by the caller's request id."""
+    directory = directory or metrics_dir()
+    out: dict[str, dict[str, int]] = {}
+    for f in sorted(directory.glob("requests-*.bin")):
+        try:
+            rows = np.load(f, mmap_mode="r")
+        except (OSError, ValueError):
+            continue
+        for rid, c in zip(rows["id"], rows["c"]):
+            if not rid:
+                continue
+            tot = out.setdefault(_external_id(rid.decode(errors="replace")),
+                                 dict.fromkeys(REQUEST_FIELDS, 0))
+            for name, v in zip(REQUEST_FIELDS, c):
+                tot[name] += int(v)
+    return out

@@ -53,7 +53,10 @@ def main() -> None:
             metrics[key] = list(m.values)
         elif hasattr(m, "value"):
             metrics[key] = m.value
+    from fly_vllm import request_stats
+
     result = {
+        "fly_stats": request_stats(outs),
         "token_ids": [list(o.outputs[0].token_ids) for o in outs],
         "prompt_token_ids": [list(o.prompt_token_ids) for o in outs],
         "texts": [o.outputs[0].text for o in outs],

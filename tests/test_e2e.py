@@ -73,6 +73,12 @@ def test_loose_accepts_happen_and_are_counted(greedy_runs):
     assert (m["vllm:spec_decode_num_accepted_tokens"] / m["vllm:spec_decode_num_drafts"]
             > strict["vllm:spec_decode_num_accepted_tokens"]
             / strict["vllm:spec_decode_num_drafts"])
+    # Per-request totals (fly_vllm.request_stats) add up to the counters.
+    stats = r["fly_stats"]
+    assert sum(x["loose_accepted_tokens"] for x in stats) == loose
+    assert sum(x["steps"] for x in stats) == m["vllm:fly_drafts"]
+    assert sum(x["draft_tokens"] for x in stats) == m["vllm:fly_draft_tokens"]
+    assert all(x["mean_accepted_length"] > 1 for x in stats)
     # And the output is no longer the target's own greedy output.
     assert r["token_ids"] != greedy_runs["nospec"]["token_ids"]
     assert all(len(t) == GREEDY["max_tokens"] for t in r["token_ids"])
@@ -162,6 +168,11 @@ def test_strict_and_loose_requests_in_one_batch(tiny_pair, greedy_runs):
     assert strict == greedy_runs["nospec"]["token_ids"]
     assert loose != greedy_runs["nospec"]["token_ids"]
     assert r["metrics"]["vllm:fly_loose_accepted_tokens"] > 0
+    # Per-request totals tell the two kinds apart.
+    stats = r["fly_stats"]
+    assert all(x["loose_accepted_tokens"] == 0 for x in stats[:len(PROMPTS)])
+    assert sum(x["loose_accepted_tokens"] for x in stats[len(PROMPTS):]) > 0
+    assert all(x["steps"] > 0 for x in stats)
 
 
 def test_guards_veto_where_they_should(tiny_pair):

@@ -94,9 +94,10 @@ def _modes(args) -> list[Mode]:
         elif n == "fly":
             modes.append(Mode("fly", fly(args.threshold, args.window), args.threshold,
                               args.window))
-        elif n == "fly-digits":
-            # FLy with the digit guard: no loose accept where a digit differs.
-            modes.append(Mode(n, fly(args.threshold, args.window, guard_digits=True),
+        elif n in GUARD_MODES:
+            # FLy with one quality guard on (fly-digits: no loose accept where
+            # a digit differs; fly-eos: none of EOS, stop tokens or strings).
+            modes.append(Mode(n, fly(args.threshold, args.window, **{GUARD_MODES[n]: True}),
                               args.threshold, args.window))
         elif n in ("strict-ngram", "fly-ngram"):
             # n-gram drafting beside a draft model, on the same prompts.
@@ -114,7 +115,7 @@ def _modes(args) -> list[Mode]:
                 modes.append(Mode(f"fly t={t:g} w={w}", fly(t, w), t, w, sweep=True))
         else:
             raise SystemExit(f"unknown mode {n!r}: use nospec, strict, fly, fly-digits, "
-                             "strict-ngram, fly-ngram, sweep")
+                             "fly-eos, strict-ngram, fly-ngram, sweep")
     return modes
 
 
@@ -405,6 +406,9 @@ def _plot_concurrency(out: Path, table, temps, dsets, concs, plt) -> str:
     fig.savefig(out / "speed_vs_concurrency.png", dpi=110)
     plt.close(fig)
     return "speed_vs_concurrency.png"
+
+
+GUARD_MODES = {"fly-digits": "guard_digits", "fly-eos": "guard_eos_stop"}
 
 
 def _run_key(mode: Mode, temp: float, common: dict) -> str:
