@@ -76,3 +76,20 @@ def test_serve_binds_every_core_on_small_vllm_cpu_machines():
     assert cpu_thread_binding({}, {0, 1}, on_vllm_cpu=False) is None
     assert cpu_thread_binding({}, {0}, on_vllm_cpu=True) is None
     assert cpu_thread_binding({}, set(range(8)), on_vllm_cpu=True) is None
+
+
+def test_fsd_request_settings_are_client_errors():
+    """Under rule fsd, a bad fly_fsd_threshold or a FLy-only key is vLLM's
+    validation error (HTTP 400 in the server), raised before the engine."""
+    from vllm.exceptions import VLLMValidationError
+
+    from fly_vllm.config import parse_fly_config
+    from fly_vllm.plugin import _check_request_fly
+
+    _, fsd = parse_fly_config({"method": "fly", "model": "d", "num_speculative_tokens": 4,
+                               "fly": {"rule": "fsd"}})
+    _check_request_fly({"fly_fsd_threshold": "0.2"}, fsd, 4)  # fine
+    for bad, words in [({"fly_fsd_threshold": 2}, "between 0 and 0.6931"),
+                       ({"fly_entropy_threshold": 0.3}, "for a server with rule 'fsd'")]:
+        with pytest.raises(VLLMValidationError, match=words):
+            _check_request_fly(bad, fsd, 4)
