@@ -106,6 +106,12 @@ def _modes(args) -> list[Mode]:
                                      **({"strict": True} if strict else {})),
                               None if strict else args.threshold,
                               None if strict else args.window))
+        elif n == "fsd":
+            # FSD (rule fsd, Jensen-Shannon) at each --fsd-threshold.
+            for t in args.fsd_threshold:
+                modes.append(Mode(f"fsd js={t:g}", {
+                    "method": "fly", **_drafter(args, None), "num_speculative_tokens": k,
+                    "fly": {"rule": "fsd", "fsd_divergence": "js", "fsd_threshold": t}}))
         elif n == "sweep":
             points = [(t, args.window) for t in args.sweep_threshold] + [
                 (args.threshold, w) for w in args.sweep_window]
@@ -115,7 +121,7 @@ def _modes(args) -> list[Mode]:
                 modes.append(Mode(f"fly t={t:g} w={w}", fly(t, w), t, w, sweep=True))
         else:
             raise SystemExit(f"unknown mode {n!r}: use nospec, strict, fly, fly-digits, "
-                             "fly-eos, strict-ngram, fly-ngram, sweep")
+                             "fly-eos, fsd, strict-ngram, fly-ngram, sweep")
     return modes
 
 
@@ -444,6 +450,9 @@ def parse_args(argv):
     ap.add_argument("--modes", default="nospec,strict,fly,sweep")
     ap.add_argument("--sweep-threshold", type=lambda s: [float(x) for x in s.split(",")],
                     default=list(DEFAULT_THRESHOLDS))
+    ap.add_argument("--fsd-threshold", type=lambda s: [float(x) for x in s.split(",")],
+                    default=[0.4], help="T of mode fsd (JS, nats); a list gives one "
+                    "mode each (default 0.4, the authors' example)")
     ap.add_argument("--sweep-window", type=lambda s: [int(x) for x in s.split(",")],
                     default=list(DEFAULT_WINDOWS))
     ap.add_argument("--datasets", default="gsm8k,humaneval,mtbench,sharegpt")
