@@ -340,12 +340,19 @@ def parse_fly_config(spec: dict[str, Any]) -> tuple[dict[str, Any], FlyConfig]:
     return spec, fly
 
 
-def _check_fsd_threshold(value: Any, divergence: str, where: str) -> float:
-    if isinstance(value, str):
+def _number_from_text(v: Any) -> Any:
+    """A per-request value as vllm_xargs may carry it: "0.5" -> 0.5; any
+    other value unchanged (the caller's check rejects what is not a number)."""
+    if isinstance(v, str):
         try:
-            value = float(value)
+            return float(v)
         except ValueError:
             pass
+    return v
+
+
+def _check_fsd_threshold(value: Any, divergence: str, where: str) -> float:
+    value = _number_from_text(value)
     hi = FSD_MAX_THRESHOLD.get(divergence)
     rng = f"between 0 and {hi:.4g}" if hi is not None else ">= 0"
     if (not isinstance(value, (int, float)) or isinstance(value, bool)
@@ -468,11 +475,7 @@ def request_overrides(extra_args: dict[str, Any] | None, k: int,
         elif key == "fsd_threshold":
             out[key] = _check_fsd_threshold(v, fly.fsd_divergence, "per-request fly ")
         elif key == "entropy_threshold":
-            if isinstance(v, str):
-                try:
-                    v = float(v)
-                except ValueError:
-                    pass
+            v = _number_from_text(v)
             if (not isinstance(v, (int, float)) or isinstance(v, bool)
                     or not math.isfinite(v) or v < 0):
                 raise FlyConfigError(

@@ -19,7 +19,7 @@ from vllm.v1.sample.rejection_sampler import RejectionSampler
 
 from fly_vllm import metrics
 from fly_vllm.config import FlyConfig, FlyConfigError, request_overrides
-from fly_vllm.verifier import FlyVerifyOutput, fly_verify
+from fly_vllm.verifier import FlyVerifyOutput, fly_verify, token_layout
 
 logger = logging.getLogger("vllm.fly_vllm")  # under vLLM's handler
 _PATCHED_ATTR = "__fly_vllm_patched__"
@@ -171,9 +171,10 @@ class FlyRejectionSampler(RejectionSampler):
     def _settings(self, row) -> RequestSettings:
         """The effective settings of one batch row (cached per request)."""
         fly = self.fly
+        # The rule's own threshold: FLy's entropy threshold or FSD's T.
+        key = "fsd_threshold" if fly.rule == "fsd" else "entropy_threshold"
         if row is None:
-            thr = (float("inf") if fly.strict else
-                   fly.fsd_threshold if fly.rule == "fsd" else fly.entropy_threshold)
+            thr = float("inf") if fly.strict else getattr(fly, key)
             return RequestSettings(thr, fly.window, False, (), ())
         rid, sp = row
         cached = self._per_request.get(rid)
@@ -185,11 +186,7 @@ class FlyRejectionSampler(RejectionSampler):
         except FlyConfigError:  # validated by the front-end; be safe anyway
             ov = {}
         strict = ov.get("strict", fly.strict)
-        if fly.rule == "fsd":
-            thr = float("inf") if strict else ov.get("fsd_threshold", fly.fsd_threshold)
-        else:
-            thr = float("inf") if strict else ov.get("entropy_threshold",
-                                                     fly.entropy_threshold)
+        thr = float("inf") if strict else ov.get(key, getattr(fly, key))
         stops = getattr(sp, "stop", None) or ()
         out = RequestSettings(
             threshold=thr,
@@ -325,26 +322,24 @@ class FlyRejectionSampler(RejectionSampler):
                 draft_token_ids, cu_num_draft_tokens, target_logits, target_probs,
                 draft_probs, bonus_token_ids, max_spec_len, thr, is_greedy, uniform,
                 recovered, veto, sm)
-            if not self._warmup.get():
-                self._record(out, cu_num_draft_tokens, masks, req_ids)
-            return out.output_token_ids
-        out = self._verify(
-            draft_token_ids,
-            cu_num_draft_tokens,
-            target_logits,
-            bonus_token_ids,
-            max_spec_len,
-            entropy_threshold=thr,
-            window=window,
-            window_span=span,
-            entropy_top_k=self.fly.entropy_top_k,
-            is_greedy=is_greedy,
-            target_probs=target_probs,
-            draft_probs=draft_probs,
-            uniform_probs=uniform,
-            recovered_token_ids=recovered,
-            veto=veto,
-        )
+        else:
+            out = self._verify(
+                draft_token_ids,
+                cu_num_draft_tokens,
+                target_logits,
+                bonus_token_ids,
+                max_spec_len,
+                entropy_threshold=thr,
+                window=window,
+                window_span=span,
+                entropy_top_k=self.fly.entropy_top_k,
+                is_greedy=is_greedy,
+                target_probs=target_probs,
+                draft_probs=draft_probs,
+                uniform_probs=uniform,
+                recovered_token_ids=recovered,
+                veto=veto,
+            )
         if not self._warmup.get():
             self._record(out, cu_num_draft_tokens, masks, req_ids)
         return out.output_token_ids
@@ -377,7 +372,7 @@ class FlyRejectionSampler(RejectionSampler):
         return fsd_verify(
             draft_token_ids, cu_num_draft_tokens, target_probs, draft_probs,
             bonus_token_ids, max_spec_len,
-            threshold=torch.where(exact, torch.zeros_like(thr), thr),
+            threshold=thr,  # exact rows ignore it
             kind=fly.fsd_divergence, variant=fly.fsd_variant, is_greedy=is_greedy,
             exact=exact, uniform_probs=uniform,
             # The drafter is greedy: vLLM's p/q test sees a one-hot q.
@@ -385,13 +380,11 @@ class FlyRejectionSampler(RejectionSampler):
                                          device=target_probs.device),
             recovered_token_ids=recovered, resampled_token_ids=resampled, veto=veto)
 
-    def _record_requests(self, req_ids: list, out: FlyVerifyOutput,
+    def _record_requests(self, req_ids: list, out: FlyVerifyOutput, req: torch.Tensor,
                          n: torch.Tensor) -> None:
         """Per-request totals (metrics.RequestTable): one [B, 4] copy to the
-        host per step."""
+        host per step. ``req`` [T] and ``n`` [B] as from token_layout."""
         batch = n.shape[0]
-        req = torch.searchsorted(n.cumsum(0), torch.arange(out.positions.shape[0],
-                                                          device=n.device), right=True)
         loose = torch.zeros(batch, dtype=torch.long, device=n.device).scatter_add_(
             0, req, out.loose_accepted.long())
         per_req = torch.stack([(n > 0).long(), n.long(), out.num_accepted.long() - loose,
@@ -400,9 +393,7 @@ class FlyRejectionSampler(RejectionSampler):
 
     def _record(self, out: FlyVerifyOutput, cu_num_draft_tokens: torch.Tensor,
                 masks: dict[str, torch.Tensor], req_ids: list | None = None) -> None:
-        n = torch.diff(
-            cu_num_draft_tokens.long(), prepend=cu_num_draft_tokens.new_zeros(1)
-        )
+        req, _, n = token_layout(cu_num_draft_tokens, out.positions.shape[0])
         scalars = torch.stack([
             (n > 0).sum(),
             n.sum(),
@@ -423,7 +414,7 @@ class FlyRejectionSampler(RejectionSampler):
         by_rule[metrics.ACCEPT_RULES.index(self.fly.rule)] = scalars[3]
         counts = torch.cat([scalars, by_rule, per_pos.long()])
         if req_ids is not None:
-            self._record_requests(req_ids, out, n)
+            self._record_requests(req_ids, out, req, n)
         self._pending = counts if self._pending is None else self._pending + counts
         now = time.monotonic()
         if counts.device.type == "cpu" or now - self._last_flush >= FLUSH_INTERVAL_S:
