@@ -16,11 +16,11 @@
 # 5. speed against requests at once: AT_ONCE_LIMIT items per dataset at 1 and
 #    3 at once, every mode (30 at once is the retention run itself);
 # 6. the quality guards: FLy with the digit guard, and with the EOS/stop
-#    guard, on the retention items (the no-spec and FLy runs of step 2 are
-#    reused from its raw/ cache);
-# 7. calibration: `fly-vllm calibrate` on CALIB_N GSM8K items held out from
-#    the retention items (items GSM8K_N .. GSM8K_N + CALIB_N - 1), then the
-#    chosen config checked on the retention items.
+#    guard, on the retention items, beside a fresh FLy run so their speeds
+#    come from one session (the no-spec run of step 2 is reused);
+# 7. FSD (rule fsd, JS) at FSD_THRESHOLDS on the retention items;
+# 8. calibration: `fly-vllm calibrate` on CALIB_N GSM8K items held out from
+#    the retention items (items GSM8K_N .. GSM8K_N + CALIB_N - 1).
 # Sizes and modes can be changed through the variables below; every run is
 # cached under OUT/*/raw, so an interrupted run resumes where it stopped.
 set -euo pipefail
@@ -38,6 +38,7 @@ SWEEP_THRESHOLDS=${SWEEP_THRESHOLDS:-0.9}
 SWEEP_WINDOWS=${SWEEP_WINDOWS:-3}
 AT_ONCE_LIMIT=${AT_ONCE_LIMIT:-4}
 AT_ONCE_TOKENS=${AT_ONCE_TOKENS:-64}
+FSD_THRESHOLDS=${FSD_THRESHOLDS:-0.1,0.4}
 CALIB_N=${CALIB_N:-40}
 CALIB_RETENTION=${CALIB_RETENTION:-0.95}
 CALIB_TOKENS=${CALIB_TOKENS:-384}
@@ -66,12 +67,23 @@ $py benchmarks/run_bench.py "${common[@]}" --out "$out/at-once" \
   --modes nospec,strict,fly,fly-ngram --datasets gsm8k,humaneval \
   --limit "$AT_ONCE_LIMIT" --max-tokens "$AT_ONCE_TOKENS" --concurrency 1,3
 
-mkdir -p "$out/guards/raw"
-cp -n "$out"/retention/raw/* "$out/guards/raw/"
+# The no-spec run of step 2 (found by its mode in raw/) serves steps 6 and 7.
+reuse_nospec() {
+  mkdir -p "$1/raw"
+  for f in "$out"/retention/raw/*.json; do
+    if grep -q '"mode": "no-spec"' "$f"; then cp -n "$f" "${f%.json}.log" "$1/raw/"; fi
+  done
+}
+same=(--datasets "gsm8k,humaneval" --limit "gsm8k=$GSM8K_N,humaneval=$HUMANEVAL_N"
+      --max-tokens "$MAX_TOKENS" --concurrency "$RETENTION_AT")
+
+reuse_nospec "$out/guards"
 $py benchmarks/run_bench.py "${common[@]}" --out "$out/guards" \
-  --modes nospec,fly,fly-digits,fly-eos --datasets gsm8k,humaneval \
-  --limit "gsm8k=$GSM8K_N,humaneval=$HUMANEVAL_N" --max-tokens "$MAX_TOKENS" \
-  --concurrency "$RETENTION_AT"
+  --modes nospec,fly,fly-digits,fly-eos "${same[@]}"
+
+reuse_nospec "$out/fsd"
+$py benchmarks/run_bench.py "${common[@]}" --out "$out/fsd" \
+  --modes nospec,fsd --fsd-threshold "$FSD_THRESHOLDS" "${same[@]}"
 
 mkdir -p "$out/calibrate"
 $py - "$GSM8K_N" "$CALIB_N" >"$out/calibrate/prompts.jsonl" <<'PY'
