@@ -275,6 +275,9 @@ def _ints(s: str) -> list[int]:
 
 
 def main(argv: list[str]) -> int:
+    # The table and report go to stdout; vLLM's log (stdout by default) and
+    # our progress lines go to stderr. Set before anything imports vLLM.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     ap = argparse.ArgumentParser(
         prog="fly-vllm calibrate", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -57,6 +57,8 @@ def test_calibrated_config_meets_its_target(tiny_pair, tmp_path):
     (SCRATCH / "calibrate.log").write_text(r.stdout + r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[calibrate] 6/6" in r.stderr  # progress, one line per grid point
+    # stdout holds the table and the report only, not vLLM's log.
+    assert r.stdout.startswith("setting") and " INFO " not in r.stdout
     rows = json.loads(report.read_text())
     assert len(rows["rows"]) == 7 and rows["n"] == len(PROMPTS)
     # The grid spans the range: the loosest point disagrees somewhere.
