@@ -1,6 +1,7 @@
-"""Fused FLy verification vs vLLM 0.33's native pre-pass, on one GPU.
+"""Fused FLy (or FSD) verification vs the unfused alternative, on one GPU.
 
     python benchmarks/bench_kernels.py            # the full grid, on a GPU
+    python benchmarks/bench_kernels.py --rule fsd # FSD's kernels, same grid
     python benchmarks/bench_kernels.py --smoke    # tiny shapes on CPU, TRITON_INTERPRET=1
 
 Grid: batch 1/8/32/128 x K 7/15/25 x V 49152/128256 x fp32/bf16. Per row:
@@ -16,6 +17,13 @@ never committed); it needs only torch and triton. Times are
 Targets (issue "fused Triton verification kernels"): >= 10x faster than native
 on every row; <= 1.5x a bare argmax on every row; <= 1.6x the floor where the
 floor is >= 20 us. Results go to benchmarks/results/kernels-<gpu>-<date>.{md,json}.
+
+``--rule fsd`` times ``fly_vllm.kernels.fsd_verify_triton`` (JS divergence,
+greedy rows) on fp32/bf16 probability rows p and q. vLLM has no FSD, so the
+comparison column is our own torch reference (``fly_vllm.fsd.fsd_verify``,
+the path vLLM on CPU runs); the floor is one read of p and of q, and the
+argmax column a bare ``torch.argmax`` over both. Same targets; results go to
+benchmarks/results/kernels-fsd-<gpu>-<date>.{md,json}.
 """
 
 from __future__ import annotations
@@ -62,16 +70,20 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on CPU under TRITON_INTERPRET=1 (plumbing only)")
+    ap.add_argument("--rule", choices=("fly", "fsd"), default="fly",
+                    help="which verifier's kernels to time (default: fly)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    fsd = args.rule == "fsd"
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
     import triton
 
-    from fly_vllm.kernels import fly_verify_triton
+    from fly_vllm.fsd import fsd_verify
+    from fly_vllm.kernels import fly_verify_triton, fsd_verify_triton
 
-    native = load_native(NATIVE)
+    native = None if fsd else load_native(NATIVE)
     if args.smoke:
         dev, grid = "cpu", [(2, 3, 300, torch.float32), (1, 4, 257, torch.bfloat16)]
         gpu = "cpu (interpreter)"
@@ -102,25 +114,41 @@ def main(argv=None) -> int:
         bonus = torch.zeros(B, 1, dtype=torch.long, device=dev)
         thr = torch.full((B,), 0.3, device=dev)
         win = torch.full((B,), min(6, K - 1), dtype=torch.long, device=dev)
+        if fsd:
+            p = logits.float().softmax(-1).to(dtype)
+            q = (logits.float() + torch.randn(B * K, V, generator=g).to(dev)).softmax(-1).to(dtype)
+            read = (p, q)
 
-        def ours():
-            return fly_verify_triton(drafts, cu, logits, bonus, K, entropy_threshold=thr,
-                                     window=win, window_span=win, entropy_top_k=3)
+            def ours():
+                return fsd_verify_triton(drafts, cu, p, q, bonus, K, threshold=thr)
 
-        def native_prepass():
-            x = logits.float()
-            ent = native.compute_fly_entropy(x, 3, from_logits=True)
-            target_argmax = x.argmax(-1)
-            native.apply_fly_greedy_acceptance_kernel[(B,)](
-                cu, drafts, target_argmax, x, ent, None, V, 0.3,
-                FLY_WINDOW_SIZE=min(6, K - 1))
-            return target_argmax
+            def native_prepass():
+                return fsd_verify(drafts, cu, p, q, bonus, K, threshold=thr)
 
-        def argmax():
-            return torch.argmax(logits, dim=-1)
+            def argmax():
+                return torch.argmax(p, dim=-1), torch.argmax(q, dim=-1)
+        else:
+            read = (logits,)
+
+            def ours():
+                return fly_verify_triton(drafts, cu, logits, bonus, K, entropy_threshold=thr,
+                                         window=win, window_span=win, entropy_top_k=3)
+
+            def native_prepass():
+                x = logits.float()
+                ent = native.compute_fly_entropy(x, 3, from_logits=True)
+                target_argmax = x.argmax(-1)
+                native.apply_fly_greedy_acceptance_kernel[(B,)](
+                    cu, drafts, target_argmax, x, ent, None, V, 0.3,
+                    FLY_WINDOW_SIZE=min(6, K - 1))
+                return target_argmax
+
+            def argmax():
+                return torch.argmax(logits, dim=-1)
 
         t_ours, t_native, t_argmax = bench(ours), bench(native_prepass), bench(argmax)
-        floor = logits.numel() * logits.element_size() / bw * 1e6 if bw else None
+        nbytes = sum(x.numel() * x.element_size() for x in read)
+        floor = nbytes / bw * 1e6 if bw else None
         row = {"batch": B, "K": K, "vocab": V, "dtype": str(dtype).split(".")[-1],
                "ours_us": t_ours, "native_us": t_native, "argmax_us": t_argmax,
                "floor_us": floor, "vs_native": t_native / t_ours,
@@ -133,12 +161,15 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
 
     versions = {"torch": torch.__version__, "triton": triton.__version__}
-    head = [f"# Fused FLy verify vs vLLM 0.33 native pre-pass on {gpu}", "",
-            f"- command: `python benchmarks/bench_kernels.py{' --smoke' if args.smoke else ''}`",
+    title, other = (("Fused FSD verify (JS, greedy) vs its torch reference", "torch ref")
+                    if fsd else ("Fused FLy verify vs vLLM 0.33 native pre-pass", "native"))
+    flags = (" --rule fsd" if fsd else "") + (" --smoke" if args.smoke else "")
+    head = [f"# {title} on {gpu}", "",
+            f"- command: `python benchmarks/bench_kernels.py{flags}`",
             f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}",
             f"- versions: {versions}; peak bandwidth used for the floor: {bw}", "",
-            "| batch | K | vocab | dtype | ours us | native us | argmax us | floor us "
-            "| native/ours | ours/argmax | ours/floor |", "|" + "---|" * 11]
+            f"| batch | K | vocab | dtype | ours us | {other} us | argmax us | floor us "
+            f"| {other}/ours | ours/argmax | ours/floor |", "|" + "---|" * 11]
     for r in rows:
         f = lambda x, s="{:.1f}": "–" if x is None else s.format(x)  # noqa: E731
         head.append(f"| {r['batch']} | {r['K']} | {r['vocab']} | {r['dtype']} | "
@@ -150,11 +181,12 @@ def main(argv=None) -> int:
     if not args.smoke:
         stamp = dt.date.today().isoformat()
         out = Path(args.out or ROOT / "benchmarks" / "results" /
-                   f"kernels-{gpu.replace(' ', '_')}-{stamp}")
+                   f"kernels-{'fsd-' if fsd else ''}{gpu.replace(' ', '_')}-{stamp}")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".md").write_text(text)
         out.with_suffix(".json").write_text(json.dumps(
-            {"gpu": gpu, "versions": versions, "rows": rows}, indent=1))
+            {"gpu": gpu, "versions": versions, "rule": args.rule,
+             "native_us is": other, "rows": rows}, indent=1))
     return 0
 
 

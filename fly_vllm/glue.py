@@ -19,6 +19,7 @@ from vllm.v1.sample.rejection_sampler import RejectionSampler
 
 from fly_vllm import metrics
 from fly_vllm.config import FlyConfig, FlyConfigError, request_overrides
+from fly_vllm.fsd import fsd_verify
 from fly_vllm.verifier import FlyVerifyOutput, fly_verify, token_layout
 
 logger = logging.getLogger("vllm.fly_vllm")  # under vLLM's handler
@@ -98,15 +99,17 @@ def sample_from(
     return (probs / noise).argmax(dim=-1)
 
 
-def select_verifier(device: torch.device):
-    """Triton kernels on GPUs (CUDA and ROCm), the torch reference elsewhere."""
+def select_verifier(device: torch.device, rule: str = "fly"):
+    """The verifier for ``rule`` ("fly" or "fsd"): Triton kernels on GPUs
+    (CUDA and ROCm), the torch reference elsewhere."""
+    reference = fsd_verify if rule == "fsd" else fly_verify
     if device.type == "cuda":
         try:
-            from fly_vllm.kernels import fly_verify_triton
+            from fly_vllm.kernels import fly_verify_triton, fsd_verify_triton
         except ImportError:  # no triton: the torch path is still correct
-            return fly_verify
-        return fly_verify_triton
-    return fly_verify
+            return reference
+        return fsd_verify_triton if rule == "fsd" else fly_verify_triton
+    return reference
 
 
 class RequestSettings(NamedTuple):
@@ -138,7 +141,7 @@ class FlyRejectionSampler(RejectionSampler):
         self._warmup = warmup
         self._runner = weakref.ref(runner) if runner is not None else (lambda: None)
         self._verify = select_verifier(torch.device(device) if device else
-                                       torch.device("cpu"))
+                                       torch.device("cpu"), fly.rule)
         self._pending: torch.Tensor | None = None
         self._last_flush = time.monotonic()
         self._per_request: dict[str, tuple] = {}
@@ -351,8 +354,6 @@ class FlyRejectionSampler(RejectionSampler):
         distribution. Without one (vLLM's warm-up, or a request whose cached
         draft probabilities vLLM could not find) the step is verified
         exactly, which is always safe."""
-        from fly_vllm.fsd import fsd_verify
-
         fly = self.fly
         if target_probs is None:
             target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
@@ -369,7 +370,7 @@ class FlyRejectionSampler(RejectionSampler):
         if is_greedy is not None and fly.fsd_variant == "resample":
             resampled = sample_from(target_probs, cu_num_draft_tokens,
                                     sm.generators)
-        return fsd_verify(
+        return self._verify(
             draft_token_ids, cu_num_draft_tokens, target_probs, draft_probs,
             bonus_token_ids, max_spec_len,
             threshold=thr,  # exact rows ignore it

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fly_vllm.kernels.common import emit_row, request_span
 from fly_vllm.verifier import PLACEHOLDER_TOKEN_ID, FlyVerifyOutput, token_layout
 
 NATIVE, UNCERTAIN, RESCUED, IN_PREFIX, GATED, VETOED, RULE_VETOED = (
@@ -116,9 +117,7 @@ def _accept_kernel(
     BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
-    end = tl.load(cu_ptr + b).to(tl.int64)
-    start = tl.where(b == 0, 0, tl.load(cu_ptr + b - 1, mask=b > 0, other=0).to(tl.int64))
-    n = end - start
+    start, n = request_span(cu_ptr, b)
     pos = tl.arange(0, BLOCK_S)
     live = pos < n
     t = start + pos
@@ -159,20 +158,13 @@ def _accept_kernel(
     broken = tl.sum(in_win.to(tl.int32), axis=1)
     rescued = uncertain & (broken == 0)
     accepted = native | rescued
-    first_reject = tl.min(tl.where(live & (accepted == 0), pos, BLOCK_S), axis=0)
-    num_acc = tl.minimum(first_reject, n)
-    in_prefix = live & (pos < num_acc)
+    in_prefix = emit_row(out_ptr, num_accepted_ptr, bonus_ptr, b, pos, live, n, accepted,
+                         d, correction, S, BLOCK_S)
     flags = (native.to(tl.int32) * 1 + uncertain.to(tl.int32) * 2
              + rescued.to(tl.int32) * 4 + in_prefix.to(tl.int32) * 8
              + gated.to(tl.int32) * 16 + vetoed.to(tl.int32) * 32
              + rule_vetoed.to(tl.int32) * 64)
     tl.store(flags_ptr + t, flags, mask=live)
-    row = out_ptr + b.to(tl.int64) * (S + 1)
-    val = tl.where(in_prefix, d, tl.where(live & (pos == num_acc), correction, -1))
-    tl.store(row + pos, val.to(tl.int32), mask=pos < S + 1)
-    bonus = tl.load(bonus_ptr + b).to(tl.int32)
-    tl.store(row + n, bonus, mask=num_acc == n)
-    tl.store(num_accepted_ptr + b, num_acc)
 
 
 def _block_v(vocab: int) -> int:

@@ -1,0 +1,33 @@
+"""Triton helpers shared by the FLy and FSD acceptance kernels."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def request_span(cu_ptr, b):
+    """(start, n) of request ``b``'s drafts from the inclusive cumsum."""
+    end = tl.load(cu_ptr + b).to(tl.int64)
+    start = tl.where(b == 0, 0, tl.load(cu_ptr + b - 1, mask=b > 0, other=0).to(tl.int64))
+    return start, end - start
+
+
+@triton.jit
+def emit_row(out_ptr, num_accepted_ptr, bonus_ptr, b, pos, live, n, accepted, d,
+             correction, S, BLOCK_S: tl.constexpr):
+    """Write request ``b``'s vLLM output row from its [BLOCK_S] accept flags:
+    the accepted prefix of drafts ``d``, then ``correction`` at the first
+    rejection, or the bonus token when every draft was accepted; the rest
+    stays PLACEHOLDER (the caller fills the row with -1). Returns in_prefix."""
+    first_reject = tl.min(tl.where(live & (accepted == 0), pos, BLOCK_S), axis=0)
+    num_acc = tl.minimum(first_reject, n)
+    in_prefix = live & (pos < num_acc)
+    row = out_ptr + b.to(tl.int64) * (S + 1)
+    val = tl.where(in_prefix, d, tl.where(live & (pos == num_acc), correction, -1))
+    tl.store(row + pos, val.to(tl.int32), mask=pos < S + 1)
+    bonus = tl.load(bonus_ptr + b).to(tl.int32)
+    tl.store(row + n, bonus, mask=num_acc == n)
+    tl.store(num_accepted_ptr + b, num_acc)
+    return in_prefix
