@@ -96,7 +96,7 @@ def _check_config(argv: list[str]) -> int:
         print(f"fly-vllm: invalid speculative config: {e}", file=sys.stderr)
         return 1
     print("vLLM speculative config:", json.dumps(vllm_spec))
-    print("FLy settings:", json.dumps(fly.to_dict()))
+    print("FLy settings:", json.dumps(fly.rule_settings()))
     return 0
 
 

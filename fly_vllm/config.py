@@ -114,6 +114,12 @@ class FlyConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def rule_settings(self) -> dict[str, Any]:
+        """The settings that apply under this config's rule: ``to_dict``
+        without the other rule's keys (an FSD config has no entropy gate)."""
+        other = _FSD_ONLY if self.rule == "fly" else _FLY_ONLY
+        return {k: v for k, v in self.to_dict().items() if k not in other}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FlyConfig:
         return cls(**d)

@@ -109,6 +109,13 @@ def test_check_config_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fly_vllm.cli", "check-config", str(good)],
                        capture_output=True, text=True)
     assert r.returncode == 0 and '"entropy_threshold": 0.3' in r.stdout
+    assert "fsd_threshold" not in r.stdout  # the other rule's keys are not shown
+    fsd = tmp_path / "fsd.json"
+    fsd.write_text(json.dumps({**BASE, "fly": {"rule": "fsd", "fsd_threshold": 0.2}}))
+    r = subprocess.run([sys.executable, "-m", "fly_vllm.cli", "check-config", str(fsd)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and '"fsd_threshold": 0.2' in r.stdout, r.stderr
+    assert "entropy" not in r.stdout and "window" not in r.stdout
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**BASE, "fly": {"window": 9}}))
     r = subprocess.run([sys.executable, "-m", "fly_vllm.cli", "check-config", str(bad)],
