@@ -90,6 +90,15 @@ class FlyConfig:
         fsd_variant: ``"resample"`` (default, the authors' code: the test
             alone decides; the correction comes from the target's p) or
             ``"fallback"`` (where D > T, vLLM's exact p/q test decides).
+        multilevel: FLy's multi-level acceleration of a draft-model drafter:
+            an n-gram lookup over the context proposes tokens, the drafter
+            checks them in one forward pass and keeps the prefix it agrees
+            with. The drafts are the greedy drafter's own, in fewer drafter
+            passes. Default off. Needs a draft model and greedy drafting.
+        multilevel_ngram_max, multilevel_ngram_min: the n-gram sizes tried,
+            longest first (default 4 down to 1, the authors').
+        multilevel_ngram_tokens: how many tokens one lookup proposes (default
+            6, the authors').
     """
 
     entropy_threshold: float = 0.3
@@ -105,6 +114,10 @@ class FlyConfig:
     fsd_divergence: str = "js"
     fsd_threshold: float = DEFAULT_FSD_THRESHOLD
     fsd_variant: str = "resample"
+    multilevel: bool = False
+    multilevel_ngram_max: int = 4
+    multilevel_ngram_min: int = 1
+    multilevel_ngram_tokens: int = 6
 
     @property
     def window_span(self) -> int:
@@ -328,6 +341,7 @@ def parse_fly_config(spec: dict[str, Any]) -> tuple[dict[str, Any], FlyConfig]:
             f"got {convention!r}"
         )
     fsd = _check_fsd(block, spec, drafter)
+    multilevel = _check_multilevel(block, spec, drafter, fsd["rule"])
     flags = {}
     for key in ("strict", "guard_digits", "guard_structured", "guard_eos_stop"):
         flags[key] = block.get(key, False)
@@ -342,8 +356,52 @@ def parse_fly_config(spec: dict[str, Any]) -> tuple[dict[str, Any], FlyConfig]:
         drafter=drafter,
         **flags,
         **fsd,
+        **multilevel,
     )
     return spec, fly
+
+
+def _check_multilevel(block: dict[str, Any], spec: dict[str, Any], drafter: str | None,
+                      rule: str) -> dict[str, Any]:
+    """Validate the multi-level drafter's keys; returns its FlyConfig fields."""
+    keys = ("multilevel_ngram_max", "multilevel_ngram_min", "multilevel_ngram_tokens")
+    on = block.get("multilevel", False)
+    if not isinstance(on, bool):
+        raise FlyConfigError(f"fly.multilevel must be true or false; got {on!r}")
+    out: dict[str, Any] = {"multilevel": on}
+    for key in keys:
+        default = getattr(FlyConfig, key)
+        out[key] = block.get(key, default)
+        _check_number(key, out[key], kind=int, lo=1)
+    if out["multilevel_ngram_min"] > out["multilevel_ngram_max"]:
+        raise FlyConfigError(
+            "fly.multilevel_ngram_min must be at most fly.multilevel_ngram_max; got "
+            f"{out['multilevel_ngram_min']} > {out['multilevel_ngram_max']}")
+    if not on:
+        stray = [k for k in keys if k in block]
+        if stray:
+            raise FlyConfigError(
+                f"fly.{stray[0]} configures the multi-level drafter, which is off; "
+                "set fly.multilevel to true, or remove it")
+        return out
+    if drafter not in (None, "draft_model"):
+        raise FlyConfigError(
+            f"fly.multilevel accelerates a draft model's drafting, and this config's "
+            f"drafter is {drafter!r}; give \"model\": a draft checkpoint, or remove "
+            "fly.multilevel")
+    if rule != "fly":
+        raise FlyConfigError(
+            "fly.multilevel works with rule 'fly' only: the FSD drafter's "
+            "distributions are not kept across the lookup's passes; remove one")
+    if spec.get("draft_sample_method", "greedy") != "greedy":
+        raise FlyConfigError(
+            "fly.multilevel keeps the greedy drafter's own drafts, so it needs "
+            f"greedy drafting; remove draft_sample_method={spec['draft_sample_method']!r}")
+    if spec.get("use_heterogeneous_vocab") or spec.get("parallel_drafting"):
+        raise FlyConfigError(
+            "fly.multilevel needs a plain draft model (one vocabulary, one token "
+            "per pass); remove use_heterogeneous_vocab / parallel_drafting")
+    return out
 
 
 def _number_from_text(v: Any) -> Any:

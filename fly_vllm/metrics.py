@@ -25,6 +25,13 @@ Counters (all ``vllm:fly_*`` so ``LLM.get_metrics()`` returns them):
     vllm:fly_guard_vetoes_total            uncertain mismatches on a -inf logit
     vllm:fly_{digit,structured,eos_stop}_guard_vetoes_total
                                            loose accepts vetoed by each guard
+    vllm:fly_drafter_calls_total           drafter proposals (steps that drafted)
+    vllm:fly_drafter_passes_total          drafter forward passes over those
+                                           steps (K per step without the
+                                           multi-level lookup)
+    vllm:fly_drafter_ngram_tokens_total    draft tokens that the multi-level
+                                           lookup proposed and the drafter
+                                           confirmed
 Accepted counts are the verifier's: tokens a stop string later cuts off are
 still counted, as in vLLM's own per-position counters.
 """
@@ -57,10 +64,20 @@ SCALARS = (
 )
 GUARD_RULES = ("digits", "structured", "eos_stop")
 ACCEPT_RULES = ("fly", "fsd")
-_INDEX = {name: i for i, (name, _) in enumerate(SCALARS)}
+# The drafter's counters (proposer side), after the verifier's slots.
+DRAFTER_SCALARS = (
+    ("drafter_calls", "Drafter proposals: steps in which the draft model drafted."),
+    ("drafter_passes", "Draft-model forward passes, summed over its proposals."),
+    ("drafter_ngram_tokens",
+     "Draft tokens proposed by the multi-level n-gram lookup and confirmed by "
+     "the draft model."),
+)
+INDEX = {name: i for i, (name, _) in enumerate(SCALARS)}
 BY_RULE_OFFSET = len(SCALARS)
 PER_POS_OFFSET = BY_RULE_OFFSET + len(ACCEPT_RULES)
-NUM_SLOTS = PER_POS_OFFSET + MAX_POSITIONS
+DRAFTER_OFFSET = PER_POS_OFFSET + MAX_POSITIONS
+INDEX.update({name: DRAFTER_OFFSET + i for i, (name, _) in enumerate(DRAFTER_SCALARS)})
+NUM_SLOTS = DRAFTER_OFFSET + len(DRAFTER_SCALARS)
 
 _lock = threading.Lock()
 _store: CounterStore | None = None
@@ -93,7 +110,7 @@ class CounterStore:
         )
 
     def add(self, name: str, value: int) -> None:
-        self.values[_INDEX[name]] += int(value)
+        self.values[INDEX[name]] += int(value)
 
     def add_array(self, counts: np.ndarray) -> None:
         """Add a full [NUM_SLOTS] vector of increments."""
@@ -123,8 +140,9 @@ def read_totals(directory: Path | None = None) -> np.ndarray:
 def snapshot() -> dict[str, object]:
     """The totals as a dict: scalar names, plus ``loose_accepted_per_pos``."""
     t = read_totals()
-    out: dict[str, object] = {name: int(t[i]) for i, (name, _) in enumerate(SCALARS)}
-    per_pos = t[PER_POS_OFFSET:]
+    out: dict[str, object] = {name: int(t[INDEX[name]])
+                              for name, _ in SCALARS + DRAFTER_SCALARS}
+    per_pos = t[PER_POS_OFFSET:DRAFTER_OFFSET]
     last = int(np.flatnonzero(per_pos).max()) + 1 if per_pos.any() else 0
     out["loose_accepted_per_pos"] = [int(x) for x in per_pos[:last]]
     out["loose_accepted_by_rule"] = {
@@ -139,9 +157,9 @@ class FlyCollector:
         from prometheus_client.core import CounterMetricFamily
 
         t = read_totals()
-        for i, (name, doc) in enumerate(SCALARS):
+        for name, doc in SCALARS + DRAFTER_SCALARS:
             c = CounterMetricFamily(f"vllm:fly_{name}", doc)
-            c.add_metric([], float(t[i]))
+            c.add_metric([], float(t[INDEX[name]]))
             yield c
         by_rule = CounterMetricFamily(
             "vllm:fly_loose_accepted_tokens_by_rule",
@@ -156,7 +174,7 @@ class FlyCollector:
             "Draft tokens accepted loosely, by draft position.",
             labels=["position"],
         )
-        per = t[PER_POS_OFFSET:]
+        per = t[PER_POS_OFFSET:DRAFTER_OFFSET]
         last = int(np.flatnonzero(per).max()) + 1 if per.any() else 0
         for p in range(last):
             per_pos.add_metric([str(p)], float(per[p]))

@@ -28,8 +28,13 @@ patch checks that the vLLM symbol it wraps exists (supported: 0.32.x, 0.33.x):
    temperature 1, which vLLM's own plumbing for probabilistic drafting
    (``take_last_draft_probs``) carries to the verifier as ``draft_probs``.
    vLLM computes those only for sampled batches; FSD needs them always.
+8. ``SpecDecodeBaseProposer.propose`` and ``set_inputs_first_pass``: every
+   draft-model proposal is counted (drafter passes); with ``fly.multilevel``
+   vLLM's proposer drafts the first token and ``fly_vllm/multilevel.py``
+   the rest, with the n-gram lookup. The runner's ``__init__`` (5) gives the
+   drafter a reference to the runner, whose token table the lookup reads.
 
-Patches 4 to 7 live in heavy vLLM modules (or the OpenAI server's); they are
+Patches 4 to 8 live in heavy vLLM modules (or the OpenAI server's); they are
 patched when vLLM first imports them (or at once if already imported), so the front-end process does
 not import the model runner just to load the plugin.
 """
@@ -43,6 +48,7 @@ import importlib.util
 import inspect
 import logging
 import sys
+import weakref
 from typing import Any
 
 from fly_vllm.config import (
@@ -134,7 +140,14 @@ def _patch_engine_args() -> None:
                 self.speculative_config = spec
                 k = spec["num_speculative_tokens"]
             _SERVED.update(fly=fly, k=k)
-            return original(self, *args, **kwargs)
+            result = original(self, *args, **kwargs)
+            method = getattr(result, "method", None)
+            if fly is not None and fly.multilevel and method != "draft_model":
+                raise FlyConfigError(
+                    "fly.multilevel accelerates a draft model's drafting, and vLLM "
+                    f"chose the {method!r} drafter for this config's \"model\"; "
+                    "give a plain draft checkpoint, or remove fly.multilevel")
+            return result
 
         return create_speculative_config
 
@@ -234,6 +247,8 @@ def _patch_model_runner_module(mod) -> None:
                     _WARMUP, runner=self,
                 )
                 logger.info("fly-vllm: FLy verification active: %s", fly)
+            if fly is not None and getattr(self, "drafter", None) is not None:
+                self.drafter._fly_runner = weakref.ref(self)  # multilevel.py
 
         return __init__
 
@@ -272,6 +287,70 @@ def _patch_proposer_module(mod) -> None:
         return _sample_draft_tokens
 
     _wrap(mod.SpecDecodeBaseProposer, "_sample_draft_tokens", make)
+
+    def make_first_pass(original):
+        @functools.wraps(original)
+        def set_inputs_first_pass(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            if getattr(self, "_fly_capture", False):
+                self._fly_first_pass = result  # (num_tokens, sample idx, metadata)
+            return result
+
+        return set_inputs_first_pass
+
+    _wrap(mod.SpecDecodeBaseProposer, "set_inputs_first_pass", make_first_pass)
+
+    def make_propose(original):
+        sig = inspect.signature(original)
+
+        @functools.wraps(original)
+        def propose(self, *args, **kwargs):
+            fly = getattr(self, "_fly_cfg", False)
+            if fly is False:
+                fly = self._fly_cfg = fly_config_of(getattr(self, "vllm_config", None))
+            if fly is None:
+                return original(self, *args, **kwargs)
+            bound = sig.bind(self, *args, **kwargs)
+            k = bound.arguments["num_speculative_tokens"]
+            if not fly.multilevel or k <= 1 or getattr(self, "method", None) != "draft_model":
+                out = original(self, *args, **kwargs)
+                one_pass = k <= 1 or getattr(self, "parallel_drafting", False)
+                _count_drafter(k, 1 if one_pass else k, 0)
+                return out
+            from fly_vllm.multilevel import host_contexts, multilevel_propose
+
+            bound.arguments["num_speculative_tokens"] = 1
+            self._fly_capture = True
+            try:
+                d1 = original(*bound.args, **bound.kwargs)
+            finally:
+                self._fly_capture = False
+            self.num_speculative_tokens = k
+            _, sample_idx, cad = self._fly_first_pass
+            self._fly_first_pass = None
+            runner = getattr(self, "_fly_runner", lambda: None)()
+            contexts = host_contexts(runner, bound.arguments, d1.shape[0])
+            drafts, counts = multilevel_propose(self, mod, (d1, sample_idx, cad), k,
+                                                contexts, fly)
+            _count_drafter(k, counts.passes, counts.ngram_tokens)
+            return drafts
+
+        return propose
+
+    _wrap(mod.SpecDecodeBaseProposer, "propose", make_propose)
+
+
+def _count_drafter(k: int, passes: int, ngram_tokens: int) -> None:
+    if k <= 0 or _WARMUP.get():
+        return
+    from fly_vllm import metrics
+
+    store = metrics.worker_store()
+    store.add("drafter_calls", 1)
+    store.add("drafter_passes", passes)
+    store.add("drafter_ngram_tokens", ngram_tokens)
+
+
 
 
 # The FLy config of the engine this process configured (set where the

@@ -7,7 +7,10 @@ the interval since the previous one:
 
     FLy metrics: loose-accept rate 3.1% of drafts (12 loose, 160 native of 390
     drafted), uncertain mismatches 40, gated 95, vetoes: -inf 0, guards 2,
-    loose by position [5, 4, 3], loose by rule: fly 12
+    loose by position [5, 4, 3], loose by rule: fly 12, drafter passes per
+    step 3.1 (n-gram tokens 40)
+
+(the drafter part only where a draft model drafted in the interval).
 """
 
 from __future__ import annotations
@@ -25,14 +28,14 @@ logger = logging.getLogger("vllm.fly_vllm")  # under vLLM's handler
 def format_line(delta: np.ndarray) -> str | None:
     """The log line for a [NUM_SLOTS] counter delta, or None if nothing was
     drafted in the interval."""
-    idx = {name: i for i, (name, _) in enumerate(metrics.SCALARS)}
+    idx = metrics.INDEX
     drafted = int(delta[idx["draft_tokens"]])
     if drafted <= 0:
         return None
     loose = int(delta[idx["loose_accepted_tokens"]])
     guards = sum(int(delta[idx[f"{r}_guard_vetoes"]]) for r in
                  ("digit", "structured", "eos_stop"))
-    per_pos = delta[metrics.PER_POS_OFFSET:]
+    per_pos = delta[metrics.PER_POS_OFFSET:metrics.DRAFTER_OFFSET]
     last = int(np.flatnonzero(per_pos).max()) + 1 if per_pos.any() else 0
     by_rule = ", ".join(f"{r} {int(delta[metrics.BY_RULE_OFFSET + i])}"
                         for i, r in enumerate(metrics.ACCEPT_RULES)
@@ -46,7 +49,16 @@ def format_line(delta: np.ndarray) -> str | None:
         f"{int(delta[idx['guard_vetoes']])}, guards {guards}, loose by position "
         f"{[int(x) for x in per_pos[:last]]}"
         + (f", loose by rule: {by_rule}" if by_rule else "")
+        + _drafter_part(delta, idx)
     )
+
+
+def _drafter_part(delta: np.ndarray, idx: dict[str, int]) -> str:
+    calls = int(delta[idx["drafter_calls"]])
+    if calls <= 0:
+        return ""
+    return (f", drafter passes per step {delta[idx['drafter_passes']] / calls:.2f} "
+            f"(n-gram tokens {int(delta[idx['drafter_ngram_tokens']])})")
 
 
 class FlyStatLogger(StatLoggerBase):

@@ -191,3 +191,43 @@ def test_fsd_draft_probs_hooks(root):
     assert "self._draft_prob_req_ids = self.input_batch.req_ids.copy()" in prop
     assert ("draft_probs = self._get_spec_decode_draft_probs(spec_decode_metadata)"
             in ast.unparse(runner))
+
+
+@pytest.mark.parametrize("root", roots())
+def test_multilevel_drafter_hooks(root):
+    """The multi-level drafter (fly_vllm/multilevel.py): the proposer methods
+    and buffers it wraps or reads, the metadata fields it replaces, and the
+    runner's token table that the lookup reads after bookkeeping."""
+    tree = module(root, "v1/spec_decode/llm_base_proposer.py")
+    src = ast.unparse(tree)
+    propose = method(tree, "SpecDecodeBaseProposer", "propose")
+    assert params(propose)[:8] == [
+        "self", "num_speculative_tokens", "target_token_ids", "target_positions",
+        "target_hidden_states", "next_token_ids", "token_indices_to_sample",
+        "common_attn_metadata"]
+    body = ast.unparse(propose)
+    # The first pass is set_inputs_first_pass; K = 1 returns right after it.
+    assert "self.set_inputs_first_pass(" in body
+    assert "if self.num_speculative_tokens == 1 or self.parallel_drafting:" in body
+    ret = ast.unparse(method(tree, "SpecDecodeBaseProposer", "set_inputs_first_pass"))
+    assert "return (num_tokens, token_indices_to_sample, cad)" in ret
+    assert "return (total_num_output_tokens, token_indices_to_sample, new_cad)" in ret
+    for name in ("build_per_group_and_layer_attn_metadata", "_get_slot_mapping",
+                 "model_returns_tuple"):
+        method(tree, "SpecDecodeBaseProposer", name)
+    for attr in ("self.input_ids = ", "self.positions = ", "self.block_size = ",
+                 "self.max_model_len = "):
+        assert attr in src, attr
+    for name in ("set_forward_context", "CUDAGraphMode", "PADDING_SLOT_ID"):
+        assert f"import {name}" in src or f"{name}," in src or f"{name})" in src, name
+    cad = ast.unparse(find(module(root, "v1/attention/backend.py"),
+                           "CommonAttentionMetadata", ast.ClassDef))
+    for field in ("query_start_loc:", "query_start_loc_cpu:", "seq_lens:",
+                  "num_actual_tokens:", "max_query_len:", "max_seq_len:",
+                  "block_table_tensor:", "slot_mapping:", "def replace("):
+        assert field in cad, field
+    runner = ast.unparse(module(root, "v1/worker/gpu_model_runner.py"))
+    assert "self.drafter = DraftModelProposer(" in runner
+    assert "draft_after_bookkeeping = True" in runner
+    batch = ast.unparse(module(root, "v1/worker/gpu_input_batch.py"))
+    assert "self.token_ids_cpu = " in batch and "self.num_tokens_no_spec = " in batch
