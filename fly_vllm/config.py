@@ -39,6 +39,9 @@ FSD_VARIANTS = ("resample", "fallback")
 # The largest value each divergence takes (KL is unbounded).
 FSD_MAX_THRESHOLD = {"js": math.log(2), "tv": 1.0}
 DEFAULT_FSD_THRESHOLD = 0.4  # the authors' example, with "js"
+# Flex decoding's default: no drafts above this batch size. Measured on the
+# 2-core CPU machine with the Qwen2.5-Coder pair (benchmarks/results/flex/).
+DEFAULT_FLEX_MAX_BATCH = 2
 # Drafters that propose tokens without a distribution: FSD cannot use them.
 NO_DISTRIBUTION_DRAFTERS = ("ngram", "ngram_gpu", "suffix", "medusa", "custom_class")
 _FLY_ONLY = ("entropy_threshold", "window", "entropy_top_k", "window_convention")
@@ -99,6 +102,25 @@ class FlyConfig:
             longest first (default 4 down to 1, the authors').
         multilevel_ngram_tokens: how many tokens one lookup proposes (default
             6, the authors').
+        flex: FlexDraft's training-free flex decoding. Default off. On, it
+            (1) truncates each request's drafts where the running product of
+            the drafter's top probabilities falls below ``flex_confidence``,
+            keeping at least ``flex_min_drafts``; and (2) schedules K by batch
+            size (``flex_batch_schedule``) through vLLM's
+            ``num_speculative_tokens_per_batch_size``.
+        flex_confidence: the running-product threshold (default 0.01,
+            FlexDraft's); 0 keeps every draft.
+        flex_min_drafts: drafts kept whatever the confidence (default 1).
+            A truncated request is verified like any request with fewer
+            drafts: FLy can rescue position i only if i + W < its number of
+            drafts, so truncation also narrows where loose accepts can happen.
+        flex_max_batch: the batch size above which nothing is drafted, for
+            the default schedule (default ``DEFAULT_FLEX_MAX_BATCH``,
+            measured on the CPU machine: benchmarks/results/flex/).
+        flex_batch_schedule: ``"auto"`` (default): K up to
+            ``ceil(flex_max_batch / 2)``, then ``ceil(K / 2)`` up to
+            ``flex_max_batch``, then no speculation; or vLLM's own list of
+            ``[first, last, K]`` batch-size ranges; or ``null`` for fixed K.
     """
 
     entropy_threshold: float = 0.3
@@ -118,6 +140,11 @@ class FlyConfig:
     multilevel_ngram_max: int = 4
     multilevel_ngram_min: int = 1
     multilevel_ngram_tokens: int = 6
+    flex: bool = False
+    flex_confidence: float = 0.01
+    flex_min_drafts: int = 1
+    flex_max_batch: int = 0  # 0 = DEFAULT_FLEX_MAX_BATCH, filled in by parse
+    flex_batch_schedule: Any = "auto"
 
     @property
     def window_span(self) -> int:
@@ -342,6 +369,7 @@ def parse_fly_config(spec: dict[str, Any]) -> tuple[dict[str, Any], FlyConfig]:
         )
     fsd = _check_fsd(block, spec, drafter)
     multilevel = _check_multilevel(block, spec, drafter, fsd["rule"])
+    flex = _check_flex(block, spec, k, drafter)
     flags = {}
     for key in ("strict", "guard_digits", "guard_structured", "guard_eos_stop"):
         flags[key] = block.get(key, False)
@@ -357,8 +385,80 @@ def parse_fly_config(spec: dict[str, Any]) -> tuple[dict[str, Any], FlyConfig]:
         **flags,
         **fsd,
         **multilevel,
+        **flex,
     )
     return spec, fly
+
+
+def flex_schedule(k: int, max_batch: int) -> list[list[int]]:
+    """The default batch-size schedule (``flex_batch_schedule: "auto"``) as
+    vLLM's ``[first, last, K]`` ranges: K up to ceil(max_batch / 2), then
+    ceil(K / 2) up to max_batch, then 0 (no drafts) above it."""
+    half = -(-max_batch // 2)
+    out = [[1, half, k]]
+    if max_batch > half:
+        out.append([half + 1, max_batch, -(-k // 2)])
+    out.append([max_batch + 1, 1 << 30, 0])
+    return out
+
+
+def _check_flex(block: dict[str, Any], spec: dict[str, Any], k: int,
+                drafter: str | None) -> dict[str, Any]:
+    """Validate flex decoding's keys; returns its FlyConfig fields. With the
+    batch schedule on, writes vLLM's ``num_speculative_tokens_per_batch_size``
+    into ``spec``."""
+    keys = ("flex_confidence", "flex_min_drafts", "flex_max_batch", "flex_batch_schedule")
+    on = block.get("flex", False)
+    if not isinstance(on, bool):
+        raise FlyConfigError(f"fly.flex must be true or false; got {on!r}")
+    if not on:
+        stray = [key for key in keys if key in block]
+        if stray:
+            raise FlyConfigError(
+                f"fly.{stray[0]} configures flex decoding, which is off; set fly.flex "
+                "to true, or remove it")
+        return {"flex": False}
+    conf = block.get("flex_confidence", FlyConfig.flex_confidence)
+    _check_number("flex_confidence", conf, kind=float, lo=0, hi=1)
+    if conf > 0:
+        if drafter in NO_DISTRIBUTION_DRAFTERS:
+            raise FlyConfigError(
+                f"fly.flex_confidence truncates drafts by the drafter's confidence, and "
+                f"the {drafter!r} drafter has none; set fly.flex_confidence to 0 (the "
+                "batch schedule still applies) or use a draft model")
+        if spec.get("draft_sample_method", "greedy") != "greedy" or spec.get(
+                "use_heterogeneous_vocab"):
+            raise FlyConfigError(
+                "fly.flex_confidence reads a greedy drafter's own logits; remove "
+                "draft_sample_method / use_heterogeneous_vocab, or set "
+                "fly.flex_confidence to 0")
+    low = block.get("flex_min_drafts", FlyConfig.flex_min_drafts)
+    _check_number("flex_min_drafts", low, kind=int, lo=1, hi=k)
+    max_batch = block.get("flex_max_batch", DEFAULT_FLEX_MAX_BATCH)
+    _check_number("flex_max_batch", max_batch, kind=int, lo=1)
+    sched = block.get("flex_batch_schedule", "auto")
+    own = spec.get("num_speculative_tokens_per_batch_size")
+    if own is not None and sched is not None:
+        raise FlyConfigError(
+            "num_speculative_tokens_per_batch_size and fly.flex_batch_schedule both "
+            "schedule K by batch size; keep one (fly.flex_batch_schedule: null keeps "
+            "vLLM's)")
+    if sched == "auto":
+        spec["num_speculative_tokens_per_batch_size"] = flex_schedule(k, max_batch)
+    elif sched is not None:
+        ok = isinstance(sched, list) and sched and all(
+            isinstance(e, list) and len(e) == 3
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in e)
+            and 1 <= e[0] <= e[1] and 0 <= e[2] <= k for e in sched)
+        if not ok or sched[0][0] != 1 or any(
+                a[1] >= b[0] for a, b in zip(sched, sched[1:])):
+            raise FlyConfigError(
+                "fly.flex_batch_schedule must be \"auto\", null, or a list of "
+                "[first, last, K] batch-size ranges, sorted, not overlapping, the "
+                f"first starting at 1, with 0 <= K <= {k}; got {sched!r}")
+        spec["num_speculative_tokens_per_batch_size"] = sched
+    return {"flex": True, "flex_confidence": float(conf), "flex_min_drafts": low,
+            "flex_max_batch": max_batch, "flex_batch_schedule": sched}
 
 
 def _check_multilevel(block: dict[str, Any], spec: dict[str, Any], drafter: str | None,

@@ -32,6 +32,8 @@ Counters (all ``vllm:fly_*`` so ``LLM.get_metrics()`` returns them):
     vllm:fly_drafter_ngram_tokens_total    draft tokens that the multi-level
                                            lookup proposed and the drafter
                                            confirmed
+    vllm:fly_flex_truncated_tokens_total   drafts dropped by flex decoding's
+                                           confidence truncation
 Accepted counts are the verifier's: tokens a stop string later cuts off are
 still counted, as in vLLM's own per-position counters.
 """
@@ -71,6 +73,8 @@ DRAFTER_SCALARS = (
     ("drafter_ngram_tokens",
      "Draft tokens proposed by the multi-level n-gram lookup and confirmed by "
      "the draft model."),
+    ("flex_truncated_tokens",
+     "Draft tokens dropped by flex decoding's confidence truncation."),
 )
 INDEX = {name: i for i, (name, _) in enumerate(SCALARS)}
 BY_RULE_OFFSET = len(SCALARS)

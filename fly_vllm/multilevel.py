@@ -153,7 +153,8 @@ def _pass_metadata(cad: Any, lens: np.ndarray, starts: np.ndarray, block_size: i
 
 
 def multilevel_propose(proposer: Any, mod: Any, first_pass, k: int, contexts: list,
-                       fly) -> tuple[torch.Tensor, DrafterCounts]:
+                       fly, first_top: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, DrafterCounts, torch.Tensor | None]:
     """Extend vLLM's first draft token to K tokens with the lookup.
 
     Args:
@@ -167,14 +168,18 @@ def multilevel_propose(proposer: Any, mod: Any, first_pass, k: int, contexts: li
             follows, or None where the host's tokens do not line up (that
             request then drafts one token per pass, as without the lookup).
         fly: the FlyConfig (n-gram sizes).
+        first_top: [B] the drafter's top probability for d1 (flex decoding),
+            or None when no confidences are wanted.
     Returns:
-        ([B, K] draft token ids, the drafter's counts for this call).
+        ([B, K] draft token ids, the drafter's counts for this call, [B, K]
+        float32 top probabilities of the drafts or None).
     """
     d1, sample_idx, cad = first_pass
     device = d1.device
     batch = d1.shape[0]
     pos_d1 = (proposer.positions[sample_idx].long() + 1).cpu().numpy()
     drafts = [[int(t)] for t in d1[:, 0].tolist()]
+    tops = None if first_top is None else [[float(p)] for p in first_top.tolist()]
     counts = DrafterCounts(passes=1)
     while any(len(d) < k for d in drafts):
         lens = np.ones(batch, dtype=np.int64)
@@ -212,7 +217,12 @@ def multilevel_propose(proposer: Any, mod: Any, first_pass, k: int, contexts: li
             out = proposer.model(input_ids=proposer.input_ids[:n],
                                  positions=proposer.positions[:n], inputs_embeds=None)
         hidden = out[0] if proposer.model_returns_tuple() else out
-        pred = proposer.model.compute_logits(hidden[:n]).argmax(dim=-1).cpu().numpy()
+        logits = proposer.model.compute_logits(hidden[:n])
+        pred = logits.argmax(dim=-1).cpu().numpy()
+        if tops is not None:
+            from fly_vllm.flex import top_probability
+
+            top = top_probability(logits).cpu().numpy()
         counts.passes += 1
         offset = 0
         for b, d in enumerate(drafts):
@@ -221,7 +231,10 @@ def multilevel_propose(proposer: Any, mod: Any, first_pass, k: int, contexts: li
                 acc = agreed_prefix(p, cands[b])
                 d.extend(int(t) for t in cands[b][:acc])
                 d.append(int(p[acc]))
+                if tops is not None:
+                    tops[b].extend(float(x) for x in top[offset:offset + acc + 1])
                 counts.ngram_tokens += acc
             offset += lens[b]
     out = torch.tensor(drafts, dtype=d1.dtype, device=device)
-    return out, counts
+    conf = None if tops is None else torch.tensor(tops, dtype=torch.float32, device=device)
+    return out, counts, conf

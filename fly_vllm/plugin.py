@@ -33,6 +33,9 @@ patch checks that the vLLM symbol it wraps exists (supported: 0.32.x, 0.33.x):
    vLLM's proposer drafts the first token and ``fly_vllm/multilevel.py``
    the rest, with the n-gram lookup. The runner's ``__init__`` (5) gives the
    drafter a reference to the runner, whose token table the lookup reads.
+   With ``fly.flex``, 7 also records the drafter's top probabilities, and
+   ``GPUModelRunner.take_draft_token_ids`` cuts each request's drafts to
+   its confident length (fly_vllm/flex.py) before the scheduler sees them.
 
 Patches 4 to 8 live in heavy vLLM modules (or the OpenAI server's); they are
 patched when vLLM first imports them (or at once if already imported), so the front-end process does
@@ -140,6 +143,16 @@ def _patch_engine_args() -> None:
                 self.speculative_config = spec
                 k = spec["num_speculative_tokens"]
             _SERVED.update(fly=fly, k=k)
+            if fly is not None and fly.flex and fly.flex_confidence > 0:
+                # Truncated drafts reach the scheduler as lists, which async
+                # scheduling skips (it keeps the drafts on the device).
+                if getattr(self, "async_scheduling", None) is True:
+                    raise FlyConfigError(
+                        "fly.flex_confidence cuts drafts before the scheduler sees "
+                        "them, which async scheduling skips; remove --async-scheduling "
+                        "or set fly.flex_confidence to 0")
+                if hasattr(self, "async_scheduling"):
+                    self.async_scheduling = False
             result = original(self, *args, **kwargs)
             method = getattr(result, "method", None)
             if fly is not None and fly.multilevel and method != "draft_model":
@@ -267,22 +280,53 @@ def _patch_model_runner_module(mod) -> None:
 
     _wrap(runner_cls, "_dummy_sampler_run", make_dummy)
 
+    def make_take(original):
+        @functools.wraps(original)
+        def take_draft_token_ids(self, *args, **kwargs):
+            """Flex decoding: cut each request's drafts to its confident
+            length before the scheduler sees them (synchronous scheduling)."""
+            out = original(self, *args, **kwargs)
+            drafter = getattr(self, "drafter", None)
+            lengths = getattr(drafter, "_fly_flex_lengths", None)
+            if lengths is None or out is None:
+                return out
+            drafter._fly_flex_lengths = None
+            if len(lengths) >= len(out.draft_token_ids):
+                out.draft_token_ids = [d[:n] for d, n in zip(out.draft_token_ids, lengths)]
+            return out
+
+        return take_draft_token_ids
+
+    _wrap(runner_cls, "take_draft_token_ids", make_take)
+
 
 def _patch_proposer_module(mod) -> None:
-    """Rule ``fsd``: keep the drafter's distribution (see 7 above)."""
+    """Patch 7 (rule fsd keeps the drafter's distribution; flex decoding its
+    top probabilities) and patch 8 (multilevel drafter, drafter counts)."""
+    import torch  # vLLM's proposer module has imported it already
 
     def make(original):
         @functools.wraps(original)
         def _sample_draft_tokens(self, hidden_states, sampling_metadata, *args, **kwargs):
-            fsd = getattr(self, "_fly_fsd", None)
-            if fsd is None:
+            mode = getattr(self, "_fly_draft_mode", None)
+            if mode is None:
                 fly = fly_config_of(getattr(self, "vllm_config", None))
-                fsd = self._fly_fsd = fly is not None and fly.rule == "fsd"
-            if not fsd:
+                mode = self._fly_draft_mode = (
+                    fly is not None and fly.rule == "fsd",
+                    fly is not None and fly.flex and fly.flex_confidence > 0)
+            fsd, flex = mode
+            if not fsd and not flex:
                 return original(self, hidden_states, sampling_metadata, *args, **kwargs)
-            # [B, V]: greedy drafts, as the authors' drafter, and q at T = 1.
+            # [B, V]: greedy drafts, as the authors' drafter (and vLLM's greedy
+            # path: the argmax of compute_logits), with q at T = 1 for FSD and
+            # the top probability for flex decoding.
             logits = self.model.compute_logits(hidden_states)
-            return logits.argmax(dim=-1), logits.float().softmax(dim=-1)
+            tops = getattr(self, "_fly_top_probs", None)
+            if flex and tops is not None:
+                from fly_vllm.flex import top_probability
+
+                tops.append(top_probability(logits))
+            return logits.argmax(dim=-1), (logits.float().softmax(dim=-1) if fsd else None)
 
         return _sample_draft_tokens
 
@@ -312,27 +356,27 @@ def _patch_proposer_module(mod) -> None:
                 return original(self, *args, **kwargs)
             bound = sig.bind(self, *args, **kwargs)
             k = bound.arguments["num_speculative_tokens"]
-            if not fly.multilevel or k <= 1 or getattr(self, "method", None) != "draft_model":
-                out = original(self, *args, **kwargs)
-                one_pass = k <= 1 or getattr(self, "parallel_drafting", False)
-                _count_drafter(k, 1 if one_pass else k, 0)
-                return out
-            from fly_vllm.multilevel import host_contexts, multilevel_propose
-
-            bound.arguments["num_speculative_tokens"] = 1
-            self._fly_capture = True
+            flex = fly.flex and fly.flex_confidence > 0 and k > 0
+            self._fly_top_probs = [] if flex else None
             try:
-                d1 = original(*bound.args, **bound.kwargs)
+                if fly.multilevel and k > 1 and getattr(self, "method", None) == "draft_model":
+                    drafts, counts, conf = _multilevel(self, mod, original, bound, k, fly, flex)
+                else:
+                    drafts = original(self, *args, **kwargs)
+                    one_pass = k <= 1 or getattr(self, "parallel_drafting", False)
+                    counts = (1 if one_pass else k), 0
+                    tops = self._fly_top_probs
+                    conf = torch.stack(tops, dim=1) if flex and len(tops) == k else None
             finally:
-                self._fly_capture = False
-            self.num_speculative_tokens = k
-            _, sample_idx, cad = self._fly_first_pass
-            self._fly_first_pass = None
-            runner = getattr(self, "_fly_runner", lambda: None)()
-            contexts = host_contexts(runner, bound.arguments, d1.shape[0])
-            drafts, counts = multilevel_propose(self, mod, (d1, sample_idx, cad), k,
-                                                contexts, fly)
-            _count_drafter(k, counts.passes, counts.ngram_tokens)
+                self._fly_top_probs = None
+            truncated = 0
+            if conf is not None:
+                from fly_vllm.flex import confident_lengths
+
+                lengths = confident_lengths(conf, fly.flex_confidence, fly.flex_min_drafts)
+                self._fly_flex_lengths = lengths.tolist()
+                truncated = k * len(self._fly_flex_lengths) - sum(self._fly_flex_lengths)
+            _count_drafter(k, *counts, truncated)
             return drafts
 
         return propose
@@ -340,7 +384,29 @@ def _patch_proposer_module(mod) -> None:
     _wrap(mod.SpecDecodeBaseProposer, "propose", make_propose)
 
 
-def _count_drafter(k: int, passes: int, ngram_tokens: int) -> None:
+def _multilevel(proposer, mod, original, bound, k: int, fly, flex: bool):
+    """vLLM's proposer drafts the first token (K = 1), multilevel.py the rest.
+    Returns (drafts [B, K], (passes, n-gram tokens), top probs [B, K] or None)."""
+    from fly_vllm.multilevel import host_contexts, multilevel_propose
+
+    bound.arguments["num_speculative_tokens"] = 1
+    proposer._fly_capture = True
+    try:
+        d1 = original(*bound.args, **bound.kwargs)
+    finally:
+        proposer._fly_capture = False
+    proposer.num_speculative_tokens = k
+    _, sample_idx, cad = proposer._fly_first_pass
+    proposer._fly_first_pass = None
+    runner = getattr(proposer, "_fly_runner", lambda: None)()
+    contexts = host_contexts(runner, bound.arguments, d1.shape[0])
+    first_top = proposer._fly_top_probs[0] if flex and proposer._fly_top_probs else None
+    drafts, counts, conf = multilevel_propose(proposer, mod, (d1, sample_idx, cad), k,
+                                              contexts, fly, first_top)
+    return drafts, (counts.passes, counts.ngram_tokens), conf
+
+
+def _count_drafter(k: int, passes: int, ngram_tokens: int, truncated: int = 0) -> None:
     if k <= 0 or _WARMUP.get():
         return
     from fly_vllm import metrics
@@ -349,6 +415,7 @@ def _count_drafter(k: int, passes: int, ngram_tokens: int) -> None:
     store.add("drafter_calls", 1)
     store.add("drafter_passes", passes)
     store.add("drafter_ngram_tokens", ngram_tokens)
+    store.add("flex_truncated_tokens", truncated)
 
 
 

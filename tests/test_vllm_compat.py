@@ -231,3 +231,25 @@ def test_multilevel_drafter_hooks(root):
     assert "draft_after_bookkeeping = True" in runner
     batch = ast.unparse(module(root, "v1/worker/gpu_input_batch.py"))
     assert "self.token_ids_cpu = " in batch and "self.num_tokens_no_spec = " in batch
+
+
+@pytest.mark.parametrize("root", roots())
+def test_flex_decoding_hooks(root):
+    """Flex decoding: the runner hands drafts to the scheduler as per-request
+    lists through take_draft_token_ids (synchronous scheduling), the scheduler
+    schedules what it gets, and vLLM's batch-size schedule exists; the
+    engine arguments build the scheduler config after the speculative one,
+    so the plugin can turn async scheduling off there."""
+    runner = module(root, "v1/worker/gpu_model_runner.py")
+    assert params(method(runner, "GPUModelRunner", "take_draft_token_ids")) == ["self"]
+    outputs = ast.unparse(find(module(root, "v1/outputs.py"), "DraftTokenIds", ast.ClassDef))
+    assert "req_ids: list[str]" in outputs and "draft_token_ids: list[list[int]]" in outputs
+    sched = ast.unparse(module(root, "v1/core/sched/scheduler.py"))
+    assert "def update_draft_token_ids(" in sched
+    assert "num_speculative_tokens_per_batch_size" in sched
+    spec = ast.unparse(module(root, "config/speculative.py"))
+    assert "num_speculative_tokens_per_batch_size: list[tuple[int, int, int]] | None" in spec
+    args = ast.unparse(method(module(root, "engine/arg_utils.py"), "EngineArgs",
+                              "create_engine_config"))
+    assert (args.index("self.create_speculative_config(")
+            < args.index("async_scheduling=self.async_scheduling"))
