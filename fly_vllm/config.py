@@ -121,6 +121,11 @@ class FlyConfig:
             ``ceil(flex_max_batch / 2)``, then ``ceil(K / 2)`` up to
             ``flex_max_batch``, then no speculation; or vLLM's own list of
             ``[first, last, K]`` batch-size ranges; or ``null`` for fixed K.
+        flex_idle_drafter: ``"skip"`` (default): in steps the schedule gives
+            K = 0 the draft model does not run, and a request's skipped
+            positions are fed to it in one catch-up pass when drafting
+            resumes; ``"run"``: vLLM's behaviour, the drafter keeps its KV
+            current by running every step.
     """
 
     entropy_threshold: float = 0.3
@@ -145,6 +150,7 @@ class FlyConfig:
     flex_min_drafts: int = 1
     flex_max_batch: int = 0  # 0 = DEFAULT_FLEX_MAX_BATCH, filled in by parse
     flex_batch_schedule: Any = "auto"
+    flex_idle_drafter: str = "skip"
 
     @property
     def window_span(self) -> int:
@@ -407,16 +413,9 @@ def _check_flex(block: dict[str, Any], spec: dict[str, Any], k: int,
     """Validate flex decoding's keys; returns its FlyConfig fields. With the
     batch schedule on, writes vLLM's ``num_speculative_tokens_per_batch_size``
     into ``spec``."""
-    keys = ("flex_confidence", "flex_min_drafts", "flex_max_batch", "flex_batch_schedule")
-    on = block.get("flex", False)
-    if not isinstance(on, bool):
-        raise FlyConfigError(f"fly.flex must be true or false; got {on!r}")
-    if not on:
-        stray = [key for key in keys if key in block]
-        if stray:
-            raise FlyConfigError(
-                f"fly.{stray[0]} configures flex decoding, which is off; set fly.flex "
-                "to true, or remove it")
+    keys = ("flex_confidence", "flex_min_drafts", "flex_max_batch", "flex_batch_schedule",
+            "flex_idle_drafter")
+    if not _switch(block, "flex", keys, "flex decoding"):
         return {"flex": False}
     conf = block.get("flex_confidence", FlyConfig.flex_confidence)
     _check_number("flex_confidence", conf, kind=float, lo=0, hi=1)
@@ -457,17 +456,32 @@ def _check_flex(block: dict[str, Any], spec: dict[str, Any], k: int,
                 "[first, last, K] batch-size ranges, sorted, not overlapping, the "
                 f"first starting at 1, with 0 <= K <= {k}; got {sched!r}")
         spec["num_speculative_tokens_per_batch_size"] = sched
+    idle = block.get("flex_idle_drafter", "skip")
+    if idle not in ("skip", "run"):
+        raise FlyConfigError(f"fly.flex_idle_drafter must be \"skip\" or \"run\"; got {idle!r}")
     return {"flex": True, "flex_confidence": float(conf), "flex_min_drafts": low,
-            "flex_max_batch": max_batch, "flex_batch_schedule": sched}
+            "flex_max_batch": max_batch, "flex_batch_schedule": sched,
+            "flex_idle_drafter": idle}
+
+
+def _switch(block: dict[str, Any], name: str, keys: tuple[str, ...], what: str) -> bool:
+    """An on/off key of the "fly" block; its settings without it on are an error."""
+    on = block.get(name, False)
+    if not isinstance(on, bool):
+        raise FlyConfigError(f"fly.{name} must be true or false; got {on!r}")
+    stray = [key for key in keys if key in block]
+    if stray and not on:
+        raise FlyConfigError(
+            f"fly.{stray[0]} configures {what}, which is off; set fly.{name} to true, "
+            "or remove it")
+    return on
 
 
 def _check_multilevel(block: dict[str, Any], spec: dict[str, Any], drafter: str | None,
                       rule: str) -> dict[str, Any]:
     """Validate the multi-level drafter's keys; returns its FlyConfig fields."""
     keys = ("multilevel_ngram_max", "multilevel_ngram_min", "multilevel_ngram_tokens")
-    on = block.get("multilevel", False)
-    if not isinstance(on, bool):
-        raise FlyConfigError(f"fly.multilevel must be true or false; got {on!r}")
+    on = _switch(block, "multilevel", keys, "the multi-level drafter")
     out: dict[str, Any] = {"multilevel": on}
     for key in keys:
         default = getattr(FlyConfig, key)
@@ -478,11 +492,6 @@ def _check_multilevel(block: dict[str, Any], spec: dict[str, Any], drafter: str 
             "fly.multilevel_ngram_min must be at most fly.multilevel_ngram_max; got "
             f"{out['multilevel_ngram_min']} > {out['multilevel_ngram_max']}")
     if not on:
-        stray = [k for k in keys if k in block]
-        if stray:
-            raise FlyConfigError(
-                f"fly.{stray[0]} configures the multi-level drafter, which is off; "
-                "set fly.multilevel to true, or remove it")
         return out
     if drafter not in (None, "draft_model"):
         raise FlyConfigError(

@@ -34,6 +34,10 @@ Counters (all ``vllm:fly_*`` so ``LLM.get_metrics()`` returns them):
                                            confirmed
     vllm:fly_flex_truncated_tokens_total   drafts dropped by flex decoding's
                                            confidence truncation
+    vllm:fly_flex_skipped_steps_total      steps without drafts where the
+                                           drafter did not run
+    vllm:fly_flex_catchup_tokens_total     positions the drafter caught up
+                                           when drafting resumed
 Accepted counts are the verifier's: tokens a stop string later cuts off are
 still counted, as in vLLM's own per-position counters.
 """
@@ -75,6 +79,10 @@ DRAFTER_SCALARS = (
      "the draft model."),
     ("flex_truncated_tokens",
      "Draft tokens dropped by flex decoding's confidence truncation."),
+    ("flex_skipped_steps",
+     "Steps in which flex decoding's schedule gave K = 0 and the drafter did not run."),
+    ("flex_catchup_tokens",
+     "Positions fed to the drafter when drafting resumed after skipped steps."),
 )
 INDEX = {name: i for i, (name, _) in enumerate(SCALARS)}
 BY_RULE_OFFSET = len(SCALARS)

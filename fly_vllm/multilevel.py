@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
+from fly_vllm.drafter import forward
+
 logger = logging.getLogger(__name__)
 
 
@@ -112,46 +114,6 @@ class DrafterCounts:
     ngram_tokens: int = 0
 
 
-def _pass_metadata(cad: Any, lens: np.ndarray, starts: np.ndarray, block_size: int,
-                   max_model_len: int, padding_slot: int, device: torch.device):
-    """Attention metadata for one pass with ``lens[b]`` fed tokens per request
-    at positions ``starts[b]`` onwards. Returns (cad, positions [N], slots [N]).
-
-    Every request of the step stays in the pass (a request whose drafts are
-    complete feeds one token whose KV is not written), so every per-request
-    field of vLLM's metadata keeps its meaning."""
-    batch = lens.shape[0]
-    qsl = np.zeros(batch + 1, dtype=np.int32)
-    np.cumsum(lens, out=qsl[1:])
-    req = np.repeat(np.arange(batch), lens)
-    positions = starts[req] + (np.arange(qsl[-1]) - qsl[:-1][req])
-    seq_lens = np.minimum(starts + lens, max_model_len).astype(np.int32)
-    pos_t = torch.from_numpy(positions).to(device)
-    clamped = pos_t.clamp(max=max_model_len - 1)
-    req_t = torch.from_numpy(req).to(device)
-    bt = cad.block_table_tensor
-    slots = bt[req_t, clamped // block_size].long() * block_size + clamped % block_size
-    slots = slots.masked_fill(pos_t >= max_model_len, padding_slot)
-    fields = {f.name for f in dataclasses.fields(cad)}
-    new = {
-        "query_start_loc": torch.from_numpy(qsl).to(device),
-        "query_start_loc_cpu": torch.from_numpy(qsl),
-        "seq_lens": torch.from_numpy(seq_lens).to(device),
-        "num_actual_tokens": int(qsl[-1]),
-        "max_query_len": int(lens.max()),
-        "max_seq_len": int(seq_lens.max()),
-        "slot_mapping": slots,
-    }
-    if "positions" in fields:
-        new["positions"] = clamped
-    if getattr(cad, "seq_lens_cpu_upper_bound", None) is not None:
-        new["seq_lens_cpu_upper_bound"] = torch.from_numpy(seq_lens)
-    for cache in ("_num_computed_tokens_cache", "_token_to_req_indices_cache"):
-        if cache in fields:
-            new[cache] = None
-    return cad.replace(**new), clamped, slots
-
-
 def multilevel_propose(proposer: Any, mod: Any, first_pass, k: int, contexts: list,
                        fly, first_top: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, DrafterCounts, torch.Tensor | None]:
@@ -198,26 +160,8 @@ def multilevel_propose(proposer: Any, mod: Any, first_pass, k: int, contexts: li
             feed.append(d[-1])
             if len(d) < k:
                 feed.extend(int(t) for t in c)
-        new_cad, positions, slots = _pass_metadata(
-            cad, lens, starts, proposer.block_size, proposer.max_model_len,
-            mod.PADDING_SLOT_ID, device)
-        done = torch.from_numpy(np.repeat(np.array([len(d) >= k for d in drafts]), lens))
-        slots = slots.masked_fill(done.to(device), mod.PADDING_SLOT_ID)
-        n = int(lens.sum())
-        proposer.input_ids[:n] = torch.tensor(feed, dtype=proposer.input_ids.dtype,
-                                              device=device)
-        proposer.positions[:n] = positions
-        _, per_layer = proposer.build_per_group_and_layer_attn_metadata(
-            new_cad, draft_index=1)
-        with mod.set_forward_context(
-            per_layer, proposer.vllm_config, num_tokens=n,
-            cudagraph_runtime_mode=mod.CUDAGraphMode.NONE,
-            slot_mapping=proposer._get_slot_mapping(n, slots),
-        ):
-            out = proposer.model(input_ids=proposer.input_ids[:n],
-                                 positions=proposer.positions[:n], inputs_embeds=None)
-        hidden = out[0] if proposer.model_returns_tuple() else out
-        logits = proposer.model.compute_logits(hidden[:n])
+        feeding = np.array([len(d) < k for d in drafts])
+        logits = forward(proposer, mod, cad, feed, lens, starts, feeding)
         pred = logits.argmax(dim=-1).cpu().numpy()
         if tops is not None:
             from fly_vllm.flex import top_probability

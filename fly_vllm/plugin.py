@@ -35,7 +35,9 @@ patch checks that the vLLM symbol it wraps exists (supported: 0.32.x, 0.33.x):
    drafter a reference to the runner, whose token table the lookup reads.
    With ``fly.flex``, 7 also records the drafter's top probabilities, and
    ``GPUModelRunner.take_draft_token_ids`` cuts each request's drafts to
-   its confident length (fly_vllm/flex.py) before the scheduler sees them.
+   its confident length (fly_vllm/flex.py) before the scheduler sees them;
+   where the batch schedule gives K = 0, the drafter is skipped and later
+   caught up (fly_vllm/drafter.py).
 
 Patches 4 to 8 live in heavy vLLM modules (or the OpenAI server's); they are
 patched when vLLM first imports them (or at once if already imported), so the front-end process does
@@ -356,6 +358,17 @@ def _patch_proposer_module(mod) -> None:
                 return original(self, *args, **kwargs)
             bound = sig.bind(self, *args, **kwargs)
             k = bound.arguments["num_speculative_tokens"]
+            sync = _idle_sync(self, fly, bound.arguments)
+            if sync is not None:
+                state, runner, req_ids = sync
+                if k == 0:  # the schedule drafts nothing: skip the drafter
+                    self.num_speculative_tokens, self._last_draft_probs = 0, None
+                    state.skipped(req_ids, bound.arguments)
+                    _count_flex_idle(skipped=1)
+                    return torch.empty(len(req_ids), 0, dtype=torch.int64,
+                                       device=bound.arguments["next_token_ids"].device)
+                _count_flex_idle(caught_up=state.catch_up(self, mod, runner, req_ids,
+                                                          bound.arguments))
             flex = fly.flex and fly.flex_confidence > 0 and k > 0
             self._fly_top_probs = [] if flex else None
             try:
@@ -377,6 +390,8 @@ def _patch_proposer_module(mod) -> None:
                 self._fly_flex_lengths = lengths.tolist()
                 truncated = k * len(self._fly_flex_lengths) - sum(self._fly_flex_lengths)
             _count_drafter(k, *counts, truncated)
+            if sync is not None:
+                sync[0].drafted(sync[2], bound.arguments)
             return drafts
 
         return propose
@@ -404,6 +419,38 @@ def _multilevel(proposer, mod, original, bound, k: int, fly, flex: bool):
     drafts, counts, conf = multilevel_propose(proposer, mod, (d1, sample_idx, cad), k,
                                               contexts, fly, first_top)
     return drafts, (counts.passes, counts.ngram_tokens), conf
+
+
+def _idle_sync(proposer, fly, args: dict):
+    """Flex decoding with ``flex_idle_drafter: "skip"`` on a draft model:
+    (DrafterSync, runner, the batch's request ids), else None (then vLLM's
+    drafter runs every step, as without the plugin)."""
+    if not (fly.flex and fly.flex_idle_drafter == "skip"
+            and getattr(proposer, "method", None) == "draft_model"):
+        return None
+    runner = getattr(proposer, "_fly_runner", lambda: None)()
+    if runner is None:
+        return None
+    batch = args["common_attn_metadata"].batch_size()
+    req_ids = list(runner.input_batch.req_ids[:batch])
+    if len(req_ids) != batch or any(r is None for r in req_ids):
+        return None
+    state = getattr(proposer, "_fly_sync", None)
+    if state is None:
+        from fly_vllm.drafter import DrafterSync
+
+        state = proposer._fly_sync = DrafterSync()
+    return state, runner, req_ids
+
+
+def _count_flex_idle(skipped: int = 0, caught_up: int = 0) -> None:
+    if _WARMUP.get():
+        return
+    from fly_vllm import metrics
+
+    store = metrics.worker_store()
+    store.add("flex_skipped_steps", skipped)
+    store.add("flex_catchup_tokens", caught_up)
 
 
 def _count_drafter(k: int, passes: int, ngram_tokens: int, truncated: int = 0) -> None:

@@ -15,6 +15,20 @@ def request_span(cu_ptr, b):
 
 
 @triton.jit
+def load_drafts(cu_ptr, draft_ptr, argmax_ptr, b, V, BLOCK_S: tl.constexpr):
+    """Request ``b``'s drafts as [BLOCK_S] lanes: (pos, live, t, d, argmax,
+    valid, greedy native match), with ``t`` the token index of each lane."""
+    start, n = request_span(cu_ptr, b)
+    pos = tl.arange(0, BLOCK_S)
+    live = pos < n
+    t = start + pos
+    d = tl.load(draft_ptr + t, mask=live, other=-1).to(tl.int64)
+    amax = tl.load(argmax_ptr + t, mask=live, other=0)
+    valid = live & (d >= 0) & (d < V)
+    return n, pos, live, t, d, amax, valid, valid & (d == amax)
+
+
+@triton.jit
 def emit_row(out_ptr, num_accepted_ptr, bonus_ptr, b, pos, live, n, accepted, d,
              correction, S, BLOCK_S: tl.constexpr):
     """Write request ``b``'s vLLM output row from its [BLOCK_S] accept flags:

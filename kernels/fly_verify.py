@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fly_vllm.kernels.common import emit_row, request_span
+from fly_vllm.kernels.common import emit_row, load_drafts
 from fly_vllm.verifier import PLACEHOLDER_TOKEN_ID, FlyVerifyOutput, token_layout
 
 NATIVE, UNCERTAIN, RESCUED, IN_PREFIX, GATED, VETOED, RULE_VETOED = (
@@ -117,16 +117,10 @@ def _accept_kernel(
     BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
-    start, n = request_span(cu_ptr, b)
-    pos = tl.arange(0, BLOCK_S)
-    live = pos < n
-    t = start + pos
-    d = tl.load(draft_ptr + t, mask=live, other=-1).to(tl.int64)
-    amax = tl.load(argmax_ptr + t, mask=live, other=0)
+    n, pos, live, t, d, amax, valid, native = load_drafts(
+        cu_ptr, draft_ptr, argmax_ptr, b, V, BLOCK_S)
     ent = tl.load(entropy_ptr + t, mask=live, other=0.0)
     dl = tl.load(draft_logit_ptr + t, mask=live, other=float("-inf"))
-    valid = live & (d >= 0) & (d < V)
-    native = valid & (d == amax)
     finite = valid & (dl > float("-inf"))
     correction = amax
     if HAS_RANDOM:

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from fly_vllm.fsd import DIVERGENCES, VARIANTS
-from fly_vllm.kernels.common import emit_row, request_span
+from fly_vllm.kernels.common import emit_row, load_drafts
 from fly_vllm.verifier import PLACEHOLDER_TOKEN_ID, FlyVerifyOutput, token_layout
 
 NATIVE, LOOSE, IN_PREFIX, GATED, VETOED, RULE_VETOED = 1, 2, 8, 16, 32, 64
@@ -116,16 +116,10 @@ def _fsd_accept_kernel(
     BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
-    start, n = request_span(cu_ptr, b)
-    pos = tl.arange(0, BLOCK_S)
-    live = pos < n
-    t = start + pos
-    d = tl.load(draft_ptr + t, mask=live, other=-1).to(tl.int64)
-    amax = tl.load(argmax_ptr + t, mask=live, other=0)
+    n, pos, live, t, d, amax, valid, native = load_drafts(
+        cu_ptr, draft_ptr, argmax_ptr, b, V, BLOCK_S)
     div = tl.load(div_ptr + t, mask=live, other=0.0)
     p = tl.load(pd_ptr + t, mask=live, other=0.0)
-    valid = live & (d >= 0) & (d < V)
-    native = valid & (d == amax)
     exact = tl.load(exact_ptr + b) != 0
     correction = amax
     if HAS_RANDOM:

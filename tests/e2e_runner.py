@@ -3,7 +3,8 @@
 Usage: python -m tests.e2e_runner JOB.json OUT.json
 
 A job: {"model", "speculative_config" (or null), "prompts", "sampling":
-{SamplingParams kwargs}, "json_schema" (optional)}. The result: token ids per
+{SamplingParams kwargs}, "json_schema", "max_tokens" (per prompt),
+"extra_args" (per prompt), "max_num_seqs" (all optional)}. The result: token ids per
 prompt, texts, and every vllm:* counter from LLM.get_metrics().
 Each job gets its own process, as vLLM engines are not meant to be built
 many times in one process.
@@ -37,6 +38,8 @@ def main() -> None:
         kw = dict(job["sampling"])
         if kw.get("temperature", 0) > 0:
             kw["seed"] = 1000 + i
+        if job.get("max_tokens"):  # per prompt
+            kw["max_tokens"] = job["max_tokens"][i]
         if job.get("extra_args"):
             kw["extra_args"] = job["extra_args"][i]
         if job.get("json_schema"):

@@ -94,7 +94,7 @@ def test_flex_config_translation_and_errors():
 @pytest.fixture(scope="module")
 def flex_runs(tiny_pair):
     from tests.conftest import run_job
-    from tests.test_e2e import PROMPTS, job, spec
+    from tests.test_e2e import job, spec
 
     t, near = tiny_pair["target"], tiny_pair["near"]
     only_alone = [[1, 1, 4], [2, 64, 0]]  # drafts only for a batch of one
@@ -111,6 +111,15 @@ def flex_runs(tiny_pair):
                            "flex_batched"),
         "alone": run_job(job(t, fly(flex_confidence=0, flex_batch_schedule=only_alone),
                              max_num_seqs=1), "flex_alone"),
+        # Requests of different lengths: four at once (K = 0) until one is
+        # left, which then drafts; its drafter KV for the positions decoded
+        # without drafts is caught up ("skip") or kept current ("run").
+        **{f"resume_{idle}": run_job(
+            job(t, fly(flex_confidence=0, flex_batch_schedule=only_alone,
+                       flex_idle_drafter=idle), max_tokens=[12, 20, 28, 40]),
+            f"flex_resume_{idle}") for idle in ("skip", "run")},
+        "resume_nospec": run_job(job(t, None, max_tokens=[12, 20, 28, 40]),
+                                 "flex_resume_nospec"),
     }
 
 
@@ -137,3 +146,22 @@ def test_batch_schedule_turns_speculation_off_for_batches(flex_runs):
     a = flex_runs["alone"]["metrics"]
     assert a["vllm:fly_draft_tokens"] > 0
     assert a["vllm:fly_drafter_passes"] == 4 * a["vllm:fly_drafter_calls"]
+
+
+DRAFT_COUNTERS = ("vllm:fly_drafts", "vllm:fly_draft_tokens",
+                  "vllm:fly_native_accepted_tokens", "vllm:spec_decode_num_accepted_tokens")
+
+
+@pytest.mark.e2e
+def test_idle_drafter_is_skipped_and_caught_up(flex_runs):
+    """Skipping the drafter while K = 0 and catching it up when drafting
+    resumes gives the drafts of a drafter that ran every step: the same
+    accepted counts, lossless output, and catch-up work that happened."""
+    skip, run = flex_runs["resume_skip"], flex_runs["resume_run"]
+    assert skip["token_ids"] == run["token_ids"] == flex_runs["resume_nospec"]["token_ids"]
+    ms, mr = skip["metrics"], run["metrics"]
+    assert mr["vllm:fly_draft_tokens"] > 0  # drafting resumed for the last request
+    for key in DRAFT_COUNTERS:
+        assert ms[key] == mr[key], key
+    assert ms["vllm:fly_flex_skipped_steps"] > 0 and mr["vllm:fly_flex_skipped_steps"] == 0
+    assert ms["vllm:fly_flex_catchup_tokens"] > 0 and mr["vllm:fly_flex_catchup_tokens"] == 0

@@ -54,6 +54,34 @@ def test_agreed_prefix():
     assert agreed_prefix(np.array([0]), np.array([], dtype=np.int64)) == 0
 
 
+def test_host_contexts_join_the_token_table_and_this_steps_tokens():
+    """Request 0: the table holds positions 0..4 (the last being this step's
+    first target token, already known); its step fed positions 4..7, of which
+    the last one was rejected, and the bonus is 42. Request 1: the table lags
+    (holds 0..1 only), so the context starts over from what the table has."""
+    import types
+
+    import torch
+
+    from fly_vllm.multilevel import host_contexts
+
+    table = np.zeros((2, 16), dtype=np.int64)
+    table[0, :5] = [10, 11, 12, 13, 14]
+    table[1, :2] = [20, 21]
+    runner = types.SimpleNamespace(input_batch=types.SimpleNamespace(
+        num_reqs=2, token_ids_cpu=table, num_tokens_no_spec=np.array([5, 2])))
+    cad = types.SimpleNamespace(query_start_loc_cpu=torch.tensor([0, 4, 6]))
+    args = {"common_attn_metadata": cad,
+            "target_token_ids": torch.tensor([14, 15, 16, 99, 23, 24]),
+            "target_positions": torch.tensor([4, 5, 6, 7, 3, 4]),
+            "num_rejected_tokens_gpu": torch.tensor([1, 0]),
+            "next_token_ids": torch.tensor([42, 43])}
+    ctx = host_contexts(runner, args, 2)
+    assert ctx[0].tolist() == [10, 11, 12, 13, 14, 15, 16, 42]
+    assert ctx[1].tolist() == [20, 21, 23, 24, 43]
+    assert host_contexts(None, args, 2) == [None, None]
+
+
 # --------------------------------------------------------------------------
 # End to end.
 

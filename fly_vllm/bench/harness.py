@@ -106,12 +106,24 @@ def _modes(args) -> list[Mode]:
                                      **({"strict": True} if strict else {})),
                               None if strict else args.threshold,
                               None if strict else args.window))
-        elif n == "fsd":
-            # FSD (rule fsd, Jensen-Shannon) at each --fsd-threshold.
+        elif n in ("fsd", "fsd-fallback"):
+            # FSD (rule fsd, Jensen-Shannon) at each --fsd-threshold, with the
+            # authors' resample variant or the fallback to the native test.
+            variant = "fallback" if n == "fsd-fallback" else "resample"
             for t in args.fsd_threshold:
-                modes.append(Mode(f"fsd js={t:g}", {
+                modes.append(Mode(f"{n} js={t:g}", {
                     "method": "fly", **_drafter(args, None), "num_speculative_tokens": k,
-                    "fly": {"rule": "fsd", "fsd_divergence": "js", "fsd_threshold": t}}))
+                    "fly": {"rule": "fsd", "fsd_divergence": "js", "fsd_threshold": t,
+                            "fsd_variant": variant}}))
+        elif n == "fly-multilevel":
+            # FLy with the multi-level (n-gram accelerated) draft model.
+            modes.append(Mode(n, fly(args.threshold, args.window, multilevel=True),
+                              args.threshold, args.window))
+        elif n == "fly-flex":
+            # FLy with flex decoding (confidence truncation, batch schedule;
+            # --flex adds settings such as {"flex_max_batch": 4}).
+            modes.append(Mode(n, fly(args.threshold, args.window, flex=True, **args.flex),
+                              args.threshold, args.window))
         elif n == "sweep":
             points = [(t, args.window) for t in args.sweep_threshold] + [
                 (args.threshold, w) for w in args.sweep_window]
@@ -121,7 +133,8 @@ def _modes(args) -> list[Mode]:
                 modes.append(Mode(f"fly t={t:g} w={w}", fly(t, w), t, w, sweep=True))
         else:
             raise SystemExit(f"unknown mode {n!r}: use nospec, strict, fly, fly-digits, "
-                             "fly-eos, fsd, strict-ngram, fly-ngram, sweep")
+                             "fly-eos, fsd, fsd-fallback, fly-multilevel, fly-flex, "
+                             "strict-ngram, fly-ngram, sweep")
     return modes
 
 
@@ -300,9 +313,9 @@ def write_report(out: Path, env: dict, settings: dict, table: list[dict]) -> Non
     for temp in sorted({r["temperature"] for r in table}):
         lines += [f"## temperature {temp:g}", "",
                   "| dataset | mode | at once | tok/s | speed-up | TPOT ms | mean acc. len "
-                  "| loose rate | accuracy | retention | flips r→w / w→r (McNemar p) "
-                  "| answer agreement | agreement (LCS) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| drafter passes / step | loose rate | accuracy | retention "
+                  "| flips r→w / w→r (McNemar p) | answer agreement | agreement (LCS) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in table:
             if r["temperature"] != temp:
                 continue
@@ -313,6 +326,7 @@ def write_report(out: Path, env: dict, settings: dict, table: list[dict]) -> Non
                 f"{_fmt(m['tok_s'], '{:.1f}')} | "
                 f"{_fmt(m.get('speedup'))}x | {_fmt(q[1], '{:.1f}')} [{_fmt(q[0], '{:.1f}')}, "
                 f"{_fmt(q[2], '{:.1f}')}] | {_fmt(m['mean_accepted_length'])} | "
+                f"{_fmt(m.get('drafter_passes_per_step'))} | "
                 f"{_fmt(m['loose_rate'], '{:.1%}')} | {_ci(m, 'accuracy')} | "
                 f"{_ci(m, 'retention')} | {_flips(m)} | {_ci(m, 'answer_agreement')} | "
                 f"{_ci(m, 'agreement_lcs')} |")
@@ -466,6 +480,12 @@ def parse_args(argv):
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
                     default=[1], help="requests at once (default 1); a list such as "
                     "1,3,30 runs every mode at each")
+    ap.add_argument("--limit-at", type=lambda s: {int(a): int(b) for a, b in
+                                                  (p.split("=") for p in s.split(","))},
+                    default={}, help="items per dataset at each number at once, such "
+                    "as 1=4,16=32 (the first items of --limit); default: all")
+    ap.add_argument("--flex", type=json.loads, default={},
+                    help='extra "fly" settings of mode fly-flex, as JSON')
     ap.add_argument("--engine", type=json.loads, default={},
                     help='extra LLM(...) arguments as JSON, e.g. {"dtype": "bfloat16"}')
     ap.add_argument("--server", default=None, help="benchmark this OpenAI-compatible URL")
@@ -506,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
                     "concurrency": args.concurrency}
     counts = {d: sum(1 for it in items if it.dataset == d) for d in dict.fromkeys(
         it.dataset for it in items)}
-    settings.update(items=counts, max_tokens=args.max_tokens, engine=args.engine,
+    settings.update(items=counts, items_at=args.limit_at or None,
+                    max_tokens=args.max_tokens, engine=args.engine,
                     data=args.data)
     print(f"[fly-bench] {len(modes)} modes x {len(args.temperatures)} temperatures on "
           f"{counts}; writing {out}", file=sys.stderr, flush=True)
@@ -515,10 +536,23 @@ def main(argv: list[str] | None = None) -> int:
     concs = args.concurrency
     total = len(modes) * len(args.temperatures) * len(concs)
     n = 0
+    def items_at(conc: int) -> list[ds.Item]:
+        cap = args.limit_at.get(conc)
+        if cap is None:
+            return items
+        seen: dict[str, int] = {}
+        out = []
+        for it in items:
+            seen[it.dataset] = seen.get(it.dataset, 0) + 1
+            if seen[it.dataset] <= cap:
+                out.append(it)
+        return out
+
     for temp in args.temperatures:
-        reqs = build_requests(items, args.max_tokens, temp)
         for conc in concs:
-            common = {"model": model, "items": [it.id for it in items],
+            conc_items = items_at(conc)
+            reqs = build_requests(conc_items, args.max_tokens, temp)
+            common = {"model": model, "items": [it.id for it in conc_items],
                       "max_tokens": args.max_tokens, "concurrency": conc,
                       "engine": args.engine}
             for mode in modes:

@@ -58,12 +58,16 @@ def counter_delta(after: dict, before: dict) -> dict:
 def acceptance(counters: dict) -> dict:
     """Mean accepted length, acceptance rate (accepted over drafted tokens)
     and FLy's loose-accept rate (loose accepts over drafted tokens) from
-    counter deltas; None where nothing was drafted."""
+    counter deltas, and the draft model's forward passes per proposal; None
+    where nothing was drafted."""
     drafts = counters.get("vllm:spec_decode_num_drafts", 0)
     drafted = counters.get("vllm:spec_decode_num_draft_tokens", 0)
     accepted = counters.get("vllm:spec_decode_num_accepted_tokens", 0)
     fly_drafted = counters.get("vllm:fly_draft_tokens", 0)
+    calls = counters.get("vllm:fly_drafter_calls", 0)
     return {
+        "drafter_passes_per_step": (counters.get("vllm:fly_drafter_passes", 0) / calls
+                                    if calls else None),
         "mean_accepted_length": 1 + accepted / drafts if drafts else None,
         "acceptance_rate": accepted / drafted if drafted else None,
         "loose_rate": (counters.get("vllm:fly_loose_accepted_tokens", 0) / fly_drafted
