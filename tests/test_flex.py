@@ -45,9 +45,8 @@ def test_confidence_examples():
 
 
 def test_default_schedule():
-    assert flex_schedule(4, 2) == [[1, 1, 4], [2, 2, 2], [3, 1 << 30, 0]]
+    assert flex_schedule(4, 2) == [[1, 2, 4], [3, 1 << 30, 0]]
     assert flex_schedule(8, 1) == [[1, 1, 8], [2, 1 << 30, 0]]
-    assert flex_schedule(5, 7) == [[1, 4, 5], [5, 7, 3], [8, 1 << 30, 0]]
 
 
 BASE = {"method": "fly", "model": "d", "num_speculative_tokens": 4}
@@ -84,7 +83,7 @@ def test_flex_config_translation_and_errors():
     spec, _ = parse_fly_config({"method": "fly", "prompt_lookup_max": 3,
                                 "num_speculative_tokens": 4,
                                 "fly": {"flex": True, "flex_confidence": 0}})
-    assert spec["num_speculative_tokens_per_batch_size"][0] == [1, 1, 4]
+    assert spec["num_speculative_tokens_per_batch_size"][0] == [1, 2, 4]
 
 
 # --------------------------------------------------------------------------

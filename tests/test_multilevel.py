@@ -54,6 +54,33 @@ def test_agreed_prefix():
     assert agreed_prefix(np.array([0]), np.array([], dtype=np.int64)) == 0
 
 
+def test_multilevel_config():
+    from fly_vllm.config import FlyConfigError, parse_fly_config
+
+    base = {"method": "fly", "model": "d", "num_speculative_tokens": 8}
+    spec, fly = parse_fly_config({**base, "fly": {"multilevel": True,
+                                                  "multilevel_ngram_max": 3}})
+    assert fly.multilevel and fly.multilevel_ngram_max == 3
+    assert fly.multilevel_ngram_min == 1 and fly.multilevel_ngram_tokens == 6
+    assert "disable_padded_drafter_batch" not in spec  # vLLM's padded batch stays
+    bad = [
+        ({"multilevel_ngram_max": 3}, "which is off"),
+        ({"multilevel": 1}, "true or false"),
+        ({"multilevel": True, "multilevel_ngram_min": 5}, "at most"),
+        ({"multilevel": True, "multilevel_ngram_tokens": 0}, ">= 1"),
+        ({"multilevel": True, "rule": "fsd"}, "rule 'fly' only"),
+    ]
+    for block, msg in bad:
+        with pytest.raises(FlyConfigError, match=msg):
+            parse_fly_config({**base, "fly": block})
+    with pytest.raises(FlyConfigError, match="greedy drafting"):
+        parse_fly_config({**base, "draft_sample_method": "probabilistic",
+                          "fly": {"multilevel": True}})
+    with pytest.raises(FlyConfigError, match="drafter is 'ngram'"):
+        parse_fly_config({"method": "fly", "prompt_lookup_max": 3,
+                          "num_speculative_tokens": 8, "fly": {"multilevel": True}})
+
+
 def test_host_contexts_join_the_token_table_and_this_steps_tokens():
     """Request 0: the table holds positions 0..4 (the last being this step's
     first target token, already known); its step fed positions 4..7, of which
