@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fly_vllm.config import FlyConfigError, flex_schedule, parse_fly_config
+from fly_vllm.config import (DEFAULT_FLEX_MAX_BATCH, FlyConfigError, flex_schedule,
+                             parse_fly_config)
 from fly_vllm.flex import confident_lengths, top_probability
 
 
@@ -83,7 +84,8 @@ def test_flex_config_translation_and_errors():
     spec, _ = parse_fly_config({"method": "fly", "prompt_lookup_max": 3,
                                 "num_speculative_tokens": 4,
                                 "fly": {"flex": True, "flex_confidence": 0}})
-    assert spec["num_speculative_tokens_per_batch_size"][0] == [1, 2, 4]
+    assert spec["num_speculative_tokens_per_batch_size"] == flex_schedule(
+        4, DEFAULT_FLEX_MAX_BATCH)
 
 
 # --------------------------------------------------------------------------
