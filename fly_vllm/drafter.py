@@ -96,9 +96,10 @@ def forward(proposer: Any, mod: Any, cad: Any, feed: list[int], lens: np.ndarray
     return proposer.model.compute_logits(hidden[:n])
 
 
-def _step_rows(args: dict, batch: int) -> tuple[list[int], list[int]]:
-    """Per request: the first target position of this step and how many of
-    its target tokens are valid (rejected drafts are padding)."""
+def step_rows(args: dict, batch: int) -> tuple[list[int], list[int], list[int]]:
+    """This step's target tokens per request, from ``propose``'s arguments:
+    (query start offsets [B + 1], first position [B], valid tokens [B];
+    rejected drafts are padding at the end of a request's query)."""
     qsl = args["common_attn_metadata"].query_start_loc_cpu.tolist()
     positions = args["target_positions"]
     pos = (positions[0] if positions.dim() > 1 else positions).tolist()
@@ -106,7 +107,7 @@ def _step_rows(args: dict, batch: int) -> tuple[list[int], list[int]]:
     rejected = [0] * batch if rejected is None else rejected.tolist()
     first = [pos[qsl[b]] if qsl[b + 1] > qsl[b] else 0 for b in range(batch)]
     valid = [qsl[b + 1] - qsl[b] - rejected[b] for b in range(batch)]
-    return first, valid
+    return qsl, first, valid
 
 
 class DrafterSync:
@@ -126,7 +127,7 @@ class DrafterSync:
     def drafted(self, req_ids: list[str], args: dict) -> None:
         """After vLLM's drafter ran on this step: its first pass wrote the KV
         of every valid target token."""
-        first, valid = _step_rows(args, len(req_ids))
+        _, first, valid = step_rows(args, len(req_ids))
         for rid, f, v in zip(req_ids, first, valid):
             self.synced[rid] = f + v
         for gone in set(self.synced) - set(req_ids):
@@ -135,7 +136,7 @@ class DrafterSync:
     def skipped(self, req_ids: list[str], args: dict) -> None:
         """A step without the drafter: a request seen for the first time
         lacks the drafter's KV from this step's first position on."""
-        first, _ = _step_rows(args, len(req_ids))
+        _, first, _ = step_rows(args, len(req_ids))
         for rid, f in zip(req_ids, first):
             self.synced.setdefault(rid, f)
 
@@ -145,7 +146,7 @@ class DrafterSync:
         (from the runner's token table) in as few passes as the drafter's
         buffers allow. Returns the number of tokens caught up."""
         batch = len(req_ids)
-        first, _ = _step_rows(args, batch)
+        _, first, _ = step_rows(args, batch)
         todo = np.array([max(0, f - self.synced.get(rid, f))
                          for rid, f in zip(req_ids, first)], dtype=np.int64)
         done = np.zeros(batch, dtype=np.int64)

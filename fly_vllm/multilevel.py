@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from fly_vllm.drafter import forward
+from fly_vllm.drafter import forward, step_rows
 
 logger = logging.getLogger(__name__)
 
@@ -89,18 +89,14 @@ def host_contexts(runner: Any, args: dict, batch: int) -> list:
     if runner is None:
         return [None] * batch
     ib = runner.input_batch
-    qsl = args["common_attn_metadata"].query_start_loc_cpu.tolist()
+    qsl, first, valid = step_rows(args, batch)
     tokens = args["target_token_ids"].tolist()
-    positions = args["target_positions"]
-    first_pos = (positions[0] if positions.dim() > 1 else positions).tolist()
-    rejected = args.get("num_rejected_tokens_gpu")
-    rejected = [0] * batch if rejected is None else rejected.tolist()
     nxt = args["next_token_ids"].tolist()
     out = []
     for b in range(batch):
-        lo, hi = qsl[b], qsl[b + 1] - rejected[b]
+        lo, hi = qsl[b], qsl[b] + valid[b]
         known = int(ib.num_tokens_no_spec[b]) if b < ib.num_reqs else 0
-        head = ib.token_ids_cpu[b, :max(0, min(known, first_pos[lo] if hi > lo else known))]
+        head = ib.token_ids_cpu[b, :max(0, min(known, first[b] if hi > lo else known))]
         out.append(np.concatenate([head, np.asarray(tokens[lo:hi] + [nxt[b]],
                                                     dtype=head.dtype)]))
     return out
@@ -154,12 +150,11 @@ def multilevel_propose(proposer: Any, mod: Any, first_pass, k: int, contexts: li
                 c = ngram_propose(np.concatenate([contexts[b], np.asarray(d)]),
                                   fly.multilevel_ngram_max, fly.multilevel_ngram_min,
                                   min(room, fly.multilevel_ngram_tokens))
-            cands.append(c)
-            lens[b] += c.shape[0] if len(d) < k else 0
+            cands.append(c)  # empty once a request has its K drafts (room < 0)
+            lens[b] += c.shape[0]
             starts[b] = pos_d1[b] + len(d) - 1
             feed.append(d[-1])
-            if len(d) < k:
-                feed.extend(int(t) for t in c)
+            feed.extend(int(t) for t in c)
         feeding = np.array([len(d) < k for d in drafts])
         logits = forward(proposer, mod, cad, feed, lens, starts, feeding)
         pred = logits.argmax(dim=-1).cpu().numpy()

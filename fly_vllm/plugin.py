@@ -364,10 +364,10 @@ def _patch_proposer_module(mod) -> None:
                 if k == 0:  # the schedule drafts nothing: skip the drafter
                     self.num_speculative_tokens, self._last_draft_probs = 0, None
                     state.skipped(req_ids, bound.arguments)
-                    _count_flex_idle(skipped=1)
+                    _count(flex_skipped_steps=1)
                     return torch.empty(len(req_ids), 0, dtype=torch.int64,
                                        device=bound.arguments["next_token_ids"].device)
-                _count_flex_idle(caught_up=state.catch_up(self, mod, runner, req_ids,
+                _count(flex_catchup_tokens=state.catch_up(self, mod, runner, req_ids,
                                                           bound.arguments))
             flex = fly.flex and fly.flex_confidence > 0 and k > 0
             self._fly_top_probs = [] if flex else None
@@ -389,7 +389,9 @@ def _patch_proposer_module(mod) -> None:
                 lengths = confident_lengths(conf, fly.flex_confidence, fly.flex_min_drafts)
                 self._fly_flex_lengths = lengths.tolist()
                 truncated = k * len(self._fly_flex_lengths) - sum(self._fly_flex_lengths)
-            _count_drafter(k, *counts, truncated)
+            if k > 0:
+                _count(drafter_calls=1, drafter_passes=counts[0],
+                       drafter_ngram_tokens=counts[1], flex_truncated_tokens=truncated)
             if sync is not None:
                 sync[0].drafted(sync[2], bound.arguments)
             return drafts
@@ -443,28 +445,16 @@ def _idle_sync(proposer, fly, args: dict):
     return state, runner, req_ids
 
 
-def _count_flex_idle(skipped: int = 0, caught_up: int = 0) -> None:
+def _count(**increments: int) -> None:
+    """Add to this worker's drafter counters (metrics.DRAFTER_SCALARS), except
+    during vLLM's warm-up."""
     if _WARMUP.get():
         return
     from fly_vllm import metrics
 
     store = metrics.worker_store()
-    store.add("flex_skipped_steps", skipped)
-    store.add("flex_catchup_tokens", caught_up)
-
-
-def _count_drafter(k: int, passes: int, ngram_tokens: int, truncated: int = 0) -> None:
-    if k <= 0 or _WARMUP.get():
-        return
-    from fly_vllm import metrics
-
-    store = metrics.worker_store()
-    store.add("drafter_calls", 1)
-    store.add("drafter_passes", passes)
-    store.add("drafter_ngram_tokens", ngram_tokens)
-    store.add("flex_truncated_tokens", truncated)
-
-
+    for name, value in increments.items():
+        store.add(name, value)
 
 
 # The FLy config of the engine this process configured (set where the

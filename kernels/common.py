@@ -1,9 +1,21 @@
-"""Triton helpers shared by the FLy and FSD acceptance kernels."""
+"""Helpers shared by the FLy and FSD acceptance kernels and their wrappers."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from fly_vllm.verifier import PLACEHOLDER_TOKEN_ID
+
+
+def new_outputs(batch: int, max_spec_len: int, num_tokens: int, device):
+    """The acceptance kernels' outputs: vLLM's rows [B, S + 1] int32 filled
+    with PLACEHOLDER, accepted counts [B] int64, per-draft flags [T] int32."""
+    out = torch.full((batch, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32,
+                     device=device)
+    return (out, torch.zeros(batch, dtype=torch.int64, device=device),
+            torch.zeros(num_tokens, dtype=torch.int32, device=device))
 
 
 @triton.jit

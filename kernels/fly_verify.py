@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fly_vllm.kernels.common import emit_row, load_drafts
-from fly_vllm.verifier import PLACEHOLDER_TOKEN_ID, FlyVerifyOutput, token_layout
+from fly_vllm.kernels.common import emit_row, load_drafts, new_outputs
+from fly_vllm.verifier import FlyVerifyOutput, token_layout
 
 NATIVE, UNCERTAIN, RESCUED, IN_PREFIX, GATED, VETOED, RULE_VETOED = (
     1, 2, 4, 8, 16, 32, 64)
@@ -223,9 +223,7 @@ def fly_verify_triton(
              else draft_probs.gather(-1, safe).squeeze(-1).float().contiguous())
         u = uniform_probs.contiguous()
         rec = recovered_token_ids.contiguous()
-    out = torch.full((B, S + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=dev)
-    num_acc = torch.zeros(B, dtype=torch.int64, device=dev)
-    flags = torch.zeros(T, dtype=torch.int32, device=dev)
+    out, num_acc, flags = new_outputs(B, S, T, dev)
     if B > 0:
         _accept_kernel[(B,)](
             out, num_acc, flags, cu_num_draft_tokens.contiguous(), draft, amax, ent, dl,

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from fly_vllm.fsd import DIVERGENCES, VARIANTS
-from fly_vllm.kernels.common import emit_row, load_drafts
-from fly_vllm.verifier import PLACEHOLDER_TOKEN_ID, FlyVerifyOutput, token_layout
+from fly_vllm.kernels.common import emit_row, load_drafts, new_outputs
+from fly_vllm.verifier import FlyVerifyOutput, token_layout
 
 NATIVE, LOOSE, IN_PREFIX, GATED, VETOED, RULE_VETOED = 1, 2, 8, 16, 32, 64
 
@@ -224,10 +224,7 @@ def fsd_verify_triton(
     thr = threshold if threshold.dtype in (torch.float32, torch.float64) else threshold.float()
     exact_b = (torch.zeros(B, dtype=torch.bool, device=dev) if exact is None
                else exact.contiguous())
-    out = torch.full((B, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32,
-                     device=dev)
-    num_acc = torch.zeros(B, dtype=torch.int64, device=dev)
-    flags = torch.zeros(T, dtype=torch.int32, device=dev)
+    out, num_acc, flags = new_outputs(B, max_spec_len, T, dev)
     if B > 0:
         _fsd_accept_kernel[(B,)](
             out, num_acc, flags, cu_num_draft_tokens.contiguous(), draft, amax, div, pd, qd,
