@@ -12,7 +12,8 @@ drafter), a prompt file and a target agreement (say 0.995), it
    prompts whose answer is the same) and the mean accepted length (vLLM's
    counters: 1 + accepted / drafts);
 4. writes the point with the largest mean accepted length whose agreement
-   meets the target as a ready fly.json, with the calibration set's size, the
+   meets the target, if that length beats strict verification's (else
+   strict), as a ready fly.json, with the calibration set's size, the
    agreement and its exact 95% lower bound in its header comments.
 
 Agreement, ``--agreement``:
@@ -125,10 +126,16 @@ def grid_points(fly, k: int, thresholds: list[float] | None,
     return pts
 
 
-def choose(rows: list[dict], target: float) -> dict | None:
+def choose(rows: list[dict], target: float, floor: float | None = None) -> dict | None:
     """The row with the largest mean accepted length whose agreement meets
-    the target (ties: the higher agreement)."""
-    ok = [r for r in rows if r["agreement"] >= target and r["mean_accepted_length"]]
+    the target (ties: the higher agreement), or None if there is none.
+
+    ``floor`` is strict verification's mean accepted length: a loose point
+    that does not accept more than it (FSD's ``resample`` at a tight T
+    rejects native matches) is never chosen, as strict is then both exact
+    and faster."""
+    ok = [r for r in rows if r["agreement"] >= target and r["mean_accepted_length"]
+          and (floor is None or r["mean_accepted_length"] > floor)]
     if not ok:
         return None
     return max(ok, key=lambda r: (r["mean_accepted_length"], r["agreement"]))
@@ -226,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
               f"{agree}/{n}, mean accepted length {acc['mean_accepted_length'] or 0:.2f} "
               f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
 
-    best = choose(rows[1:], args.retention)
+    best = choose(rows[1:], args.retention, floor=rows[0]["mean_accepted_length"])
     header = f"{'setting':<40} {'agree':>9} {'agreement':>9} {'95% low':>8} {'acc len':>8}"
     table = [header, "-" * len(header)]
     for r in rows:
@@ -242,10 +249,11 @@ def run(args: argparse.Namespace) -> int:
         f"target's own output, required >= {args.retention}.",
     ]
     if best is None:
-        report.append("No loose setting met the target on this set: exact (strict) "
-                      "verification written.")
-        print(f"[calibrate] no grid point reached agreement {args.retention}; writing "
-              "strict (exact) verification", file=sys.stderr)
+        report.append("No loose setting met the target on this set with a longer mean "
+                      "accepted length than strict: exact (strict) verification written.")
+        print(f"[calibrate] no grid point reached agreement {args.retention} with a "
+              "longer mean accepted length than strict; writing strict (exact) "
+              "verification", file=sys.stderr)
     else:
         report += [
             f"Chosen: {_fmt_point(best['point'])}: agreement {best['agree']}/{n} = "

@@ -30,6 +30,9 @@ def test_choose_and_grid():
     assert choose(rows, 0.9)["point"] == {"t": 2}
     assert choose(rows, 0.95)["point"] == {"t": 1}
     assert choose(rows[1:], 0.95) is None
+    # A point that accepts no more than strict is never chosen.
+    assert choose(rows, 0.9, floor=2.5)["point"] == {"t": 2}
+    assert choose(rows, 0.95, floor=2.0) is None
     _, fly = parse_fly_config({"method": "fly", "model": "d", "num_speculative_tokens": 4})
     pts = grid_points(fly, 4, [0.3, 5.0], [1, 3, 4])
     assert pts == [{"entropy_threshold": 0.3, "window": 1},
