@@ -158,6 +158,43 @@ def write_config(path: str, spec: dict, point: dict | None, report: list[str]) -
         f.write("\n")
 
 
+def plot_curve(path: str, rows: list[dict], chosen: dict | None, retention: float,
+               n: int) -> None:
+    """The curve as a picture: agreement against mean accepted length, one
+    marker per setting, a bar down to its exact 95% lower bound, the
+    required agreement as a dashed line and the chosen point ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for r in rows:
+        x, y = r["mean_accepted_length"] or 0.0, r["agreement"]
+        strict = r["point"] == {"strict": True}
+        ax.errorbar([x], [y], yerr=[[y - r["lower"]], [0.0]], fmt="s" if strict else "o",
+                    color="black" if strict else "tab:blue", capsize=3, ms=5)
+        label = "strict" if strict else _short_point(r["point"])
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        if chosen is not None and r["point"] == chosen["point"]:
+            ax.plot([x], [y], "o", ms=13, mfc="none", mec="tab:red", label="chosen")
+    ax.axhline(retention, ls="--", color="tab:red", lw=1, label=f"required {retention:g}")
+    ax.set(xlabel="mean accepted length (tokens per step)",
+           ylabel="agreement with the target",
+           title=f"fly-vllm calibrate: {n} prompts (bars: exact 95% lower bound)",
+           ylim=(min(0.0, min(r["lower"] for r in rows)), 1.04))
+    ax.margins(x=0.12)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short_point(p: dict) -> str:
+    names = {"entropy_threshold": "t", "window": "W", "fsd_threshold": "T"}
+    return " ".join(f"{names.get(k, k)}={v:g}" for k, v in p.items())
+
+
 def _fmt_point(p: dict) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                      for k, v in p.items())
@@ -175,6 +212,13 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.retention <= 1:
         print("fly-vllm calibrate: --retention must be in (0, 1]", file=sys.stderr)
         return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("fly-vllm calibrate: --plot needs matplotlib (pip install matplotlib)",
+                  file=sys.stderr)
+            return 2
     k = vllm_spec["num_speculative_tokens"]
     if fly.rule == "fsd" and args.windows:
         print("fly-vllm calibrate: --windows applies to rule 'fly' only", file=sys.stderr)
@@ -271,6 +315,9 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"rows": rows, "chosen": best, "n": n, "retention": args.retention,
                        "agreement": args.agreement}, f, indent=1)
+    if args.plot:
+        plot_curve(args.plot, rows, best, args.retention, n)
+        print(f"[calibrate] wrote {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -307,4 +354,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out", default="fly.calibrated.json", help="the fly.json to write")
     ap.add_argument("--json", default=None, help="also write every row as JSON here")
+    ap.add_argument("--plot", default=None,
+                    help="also draw the curve (agreement against mean accepted length) "
+                    "to this PNG; needs matplotlib")
     return run(ap.parse_args(argv))

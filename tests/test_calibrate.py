@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fly_vllm.calibrate import binom_lower_bound, choose, grid_points
+from fly_vllm.calibrate import binom_lower_bound, choose, grid_points, plot_curve
 from fly_vllm.config import load_speculative_config, parse_fly_config
 from tests.conftest import ROOT, SCRATCH, run_job, vllm_env
 from tests.test_e2e import PROMPTS
@@ -42,6 +42,18 @@ def test_choose_and_grid():
     assert [p["fsd_threshold"] for p in grid_points(fsd, 4, [0.1, 0.9], None)] == [0.1]
 
 
+def test_plot_curve(tmp_path):
+    rows = [{"point": {"strict": True}, "agreement": 1.0, "lower": 0.86,
+             "mean_accepted_length": 4.3},
+            {"point": {"entropy_threshold": 0.9, "window": 2}, "agreement": 0.7,
+             "lower": 0.55, "mean_accepted_length": 4.4},
+            {"point": {"fsd_threshold": 0.1}, "agreement": 0.95, "lower": 0.8,
+             "mean_accepted_length": None}]
+    png = tmp_path / "curve.png"
+    plot_curve(str(png), rows, rows[1], 0.9, 20)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.e2e
 def test_calibrated_config_meets_its_target(tiny_pair, tmp_path):
     t, near = tiny_pair["target"], tiny_pair["near"]
@@ -55,13 +67,15 @@ def test_calibrated_config_meets_its_target(tiny_pair, tmp_path):
          "--speculative-config", json.dumps(base), "--prompts", str(prompts),
          "--retention", str(target), "--agreement", "exact", "--thresholds", "0,0.6,1.05",
          "--windows", "1,3", "--max-tokens", "24", "--dtype", "float32",
-         "--max-model-len", "512", "--out", str(out), "--json", str(report)],
+         "--max-model-len", "512", "--out", str(out), "--json", str(report),
+         "--plot", str(tmp_path / "curve.png")],
         cwd=ROOT, env=vllm_env(), capture_output=True, text=True, timeout=900)
     (SCRATCH / "calibrate.log").write_text(r.stdout + r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[calibrate] 6/6" in r.stderr  # progress, one line per grid point
     # stdout holds the table and the report only, not vLLM's log.
     assert r.stdout.startswith("setting") and " INFO " not in r.stdout
+    assert (tmp_path / "curve.png").stat().st_size > 0
     rows = json.loads(report.read_text())
     assert len(rows["rows"]) == 7 and rows["n"] == len(PROMPTS)
     # The grid spans the range: the loosest point disagrees somewhere.
