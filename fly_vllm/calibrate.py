@@ -25,6 +25,9 @@ Agreement, ``--agreement``:
 Prompt file: one prompt per line, or JSON lines with ``"prompt"`` (plain
 completion) or ``"messages"`` (chat, with the model's template).
 
+``--json`` keeps every row, with the prompts each point disagrees on (their
+``"id"``, else their 0-based position in the file's prompts).
+
 Greedy decoding throughout (the reference is the target's greedy output).
 With n prompts, a point that agrees on all n only shows agreement >= 0.05 **
 (1 / n) at 95% confidence: 0.995 needs about 600 prompts to be shown.
@@ -260,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ref_texts, ref_acc = generate({"strict": True})
     ref = [answer_of(t, args.agreement) for t in ref_texts]
-    rows = [{"point": {"strict": True}, "agreement": 1.0, "agree": n,
+    rows = [{"point": {"strict": True}, "agreement": 1.0, "agree": n, "disagree": [],
              "lower": binom_lower_bound(n, n),
              "mean_accepted_length": ref_acc["mean_accepted_length"], "loose_rate": 0.0}]
     print(f"[calibrate] reference (strict) done in {time.perf_counter() - t0:.0f}s; "
@@ -268,8 +271,11 @@ def run(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     for j, point in enumerate(points, 1):
         texts, acc = generate(point)
-        agree = sum(answer_of(t, args.agreement) == r for t, r in zip(texts, ref))
+        differ = [i for i, (t, r) in enumerate(zip(texts, ref))
+                  if answer_of(t, args.agreement) != r]
+        agree = n - len(differ)
         rows.append({"point": point, "agree": agree, "agreement": agree / n,
+                     "disagree": [prompts[i].get("id", i) for i in differ],
                      "lower": binom_lower_bound(agree, n),
                      "mean_accepted_length": acc["mean_accepted_length"],
                      "loose_rate": acc["loose_rate"]})

@@ -78,6 +78,8 @@ def test_calibrated_config_meets_its_target(tiny_pair, tmp_path):
     assert (tmp_path / "curve.png").stat().st_size > 0
     rows = json.loads(report.read_text())
     assert len(rows["rows"]) == 7 and rows["n"] == len(PROMPTS)
+    # Each point names the prompts it disagrees on (positions for plain text).
+    assert all(len(x["disagree"]) == rows["n"] - x["agree"] for x in rows["rows"][1:])
     # The grid spans the range: the loosest point disagrees somewhere.
     assert min(x["agreement"] for x in rows["rows"]) < 1.0
     chosen = rows["chosen"]
