@@ -68,6 +68,24 @@ def test_identical_distributions_always_accept(kind):
     assert r.num_accepted.tolist() == [5]
 
 
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_divergence_over_row_chunks(kind, dtype):
+    # 21 rows: two full CPU chunks of 8 and a partial one; zeros in p.
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(21, 50, generator=g) * 3, -1)
+    p[torch.rand(21, 50, generator=g) < 0.3] = 0
+    p = (p / p.sum(-1, keepdim=True)).to(dtype)
+    q = torch.softmax(torch.randn(21, 50, generator=g) * 3, -1).to(dtype)
+    got = divergence(p, q, kind)
+    assert got.dtype == torch.float32 and got.shape == (21,)
+    want = [ref_div(a, b, kind) for a, b in zip(p.float().tolist(), q.float().tolist())]
+    for x, y in zip(got.tolist(), want):
+        assert x == y if math.isinf(y) else x == pytest.approx(y, abs=1e-5)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        divergence(p, q, "hellinger")
+
+
 def test_disjoint_supports():
     p = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
     q = torch.tensor([[0.0, 0.0, 0.5, 0.5]])
