@@ -108,6 +108,21 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
     return out
 
 
+def generate_texts(llm, prompts: list[dict[str, Any]], params) -> list[str]:
+    """One output text per prompt, in order: prompts with ``"prompt"``
+    through ``llm.generate``, the others (``"messages"``) through
+    ``llm.chat``."""
+    texts: list[str] = [""] * len(prompts)
+    plain = [i for i, p in enumerate(prompts) if "prompt" in p]
+    chat = [i for i, p in enumerate(prompts) if "prompt" not in p]
+    for key, call, idx in (("prompt", llm.generate, plain), ("messages", llm.chat, chat)):
+        if idx:
+            outs = call([prompts[i][key] for i in idx], params, use_tqdm=False)
+            for i, o in zip(idx, outs):
+                texts[i] = o.outputs[0].text
+    return texts
+
+
 def grid_points(fly, k: int, thresholds: list[float] | None,
                 windows: list[int] | None) -> list[dict[str, Any]]:
     """The per-request overrides to try, loosest-last within each window."""
@@ -246,18 +261,7 @@ def run(args: argparse.Namespace) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
                                 extra_args={"fly": overrides})
         before = counters(llm)
-        texts: list[str | None] = [None] * n
-        plain = [i for i, p in enumerate(prompts) if "prompt" in p]
-        chat = [i for i, p in enumerate(prompts) if "prompt" not in p]
-        if plain:
-            outs = llm.generate([prompts[i]["prompt"] for i in plain], params,
-                                use_tqdm=False)
-            for i, o in zip(plain, outs):
-                texts[i] = o.outputs[0].text
-        if chat:
-            outs = llm.chat([prompts[i]["messages"] for i in chat], params, use_tqdm=False)
-            for i, o in zip(chat, outs):
-                texts[i] = o.outputs[0].text
+        texts = generate_texts(llm, prompts, params)
         return texts, acceptance(counter_delta(counters(llm), before))
 
     t0 = time.perf_counter()
