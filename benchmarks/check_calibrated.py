@@ -40,7 +40,7 @@ def main() -> int:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
     from fly_vllm.bench.offline import worker_env
-    from fly_vllm.calibrate import answer_of, generate_texts, read_prompts
+    from fly_vllm.calibrate import answer_of, disagreements, generate_texts, read_prompts
     from fly_vllm.config import load_speculative_config
 
     spec = load_speculative_config(args.config)
@@ -52,14 +52,13 @@ def main() -> int:
     llm = LLM(model=args.model, speculative_config=spec, enforce_eager=True, dtype=args.dtype,
               max_model_len=2048, seed=0, max_num_seqs=args.max_num_seqs)
 
-    def answers(extra):
+    def texts(extra):
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, extra_args=extra)
-        return [answer_of(t, args.agreement) for t in generate_texts(llm, prompts, params)]
+        return generate_texts(llm, prompts, params)
 
     t0 = time.perf_counter()
-    ref = answers({"fly": {"strict": True}})
-    got = answers(None)
-    differ = [prompts[i].get("id", i) for i, (a, b) in enumerate(zip(got, ref)) if a != b]
+    ref = [answer_of(t, args.agreement) for t in texts({"fly": {"strict": True}})]
+    differ = disagreements(texts(None), ref, prompts, args.agreement)
     print(json.dumps({"config_fly": spec.get("fly"), "agree": len(prompts) - len(differ),
                       "n": len(prompts), "disagree": differ,
                       "calibrate_said": None if chosen is None else chosen["agree"],

@@ -108,6 +108,14 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
     return out
 
 
+def disagreements(texts: list[str], ref: list[str], prompts: list[dict[str, Any]],
+                  how: str) -> list:
+    """The prompts whose output's answer (``answer_of(text, how)``) differs
+    from the reference answer: their ``"id"``, else their position."""
+    return [prompts[i].get("id", i) for i, (t, r) in enumerate(zip(texts, ref))
+            if answer_of(t, how) != r]
+
+
 def generate_texts(llm, prompts: list[dict[str, Any]], params) -> list[str]:
     """One output text per prompt, in order: prompts with ``"prompt"``
     through ``llm.generate``, the others (``"messages"``) through
@@ -275,11 +283,10 @@ def run(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     for j, point in enumerate(points, 1):
         texts, acc = generate(point)
-        differ = [i for i, (t, r) in enumerate(zip(texts, ref))
-                  if answer_of(t, args.agreement) != r]
+        differ = disagreements(texts, ref, prompts, args.agreement)
         agree = n - len(differ)
         rows.append({"point": point, "agree": agree, "agreement": agree / n,
-                     "disagree": [prompts[i].get("id", i) for i in differ],
+                     "disagree": differ,
                      "lower": binom_lower_bound(agree, n),
                      "mean_accepted_length": acc["mean_accepted_length"],
                      "loose_rate": acc["loose_rate"]})
