@@ -1,0 +1,86 @@
+"""Per-request FLy settings: what a request may override (offline
+``SamplingParams.extra_args``, or the server's flat ``vllm_xargs``) and how
+each value is checked."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fly_vllm.config.checks import _check_fsd_threshold, _check_threshold, _number_from_text
+from fly_vllm.config.schema import _FSD_ONLY, FlyConfig, FlyConfigError
+
+REQUEST_KEYS = ("strict", "entropy_threshold", "window", "fsd_threshold")
+
+
+def _as_bool(key: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0"):
+        return v.lower() in ("true", "1")
+    raise FlyConfigError(f"per-request fly {key} must be true or false; got {v!r}")
+
+
+def request_overrides(extra_args: dict[str, Any] | None, k: int,
+                      top_k: int = 3, fly: FlyConfig | None = None) -> dict[str, Any]:
+    """Validate a request's own FLy settings.
+
+    They come from ``SamplingParams.extra_args``, either as a ``"fly"`` dict
+    (offline) or as flat ``fly_<key>`` entries (the OpenAI server's
+    ``vllm_xargs``, which takes flat values only). Keys: ``strict`` (true:
+    exact verification for this request), ``entropy_threshold`` (0 up to
+    the largest top-k entropy, `max_topk_entropy(top_k)`, with `top_k` the
+    server's) and ``window`` (1..K-1) for rule ``fly``; ``fsd_threshold``
+    for rule ``fsd`` (the server's ``fly`` config decides which apply).
+    Returns the overrides as a dict (empty if none).
+
+    Raises:
+        FlyConfigError: an unknown key, a wrong type or a value out of range.
+    """
+    if not extra_args:
+        return {}
+    given: dict[str, Any] = {}
+    nested = extra_args.get("fly")
+    if nested is not None:
+        if not isinstance(nested, dict):
+            raise FlyConfigError(f"extra_args['fly'] must be an object; got {nested!r}")
+        given.update(nested)
+    for key, v in extra_args.items():
+        if key.startswith("fly_"):
+            given[key[len("fly_"):]] = v
+    out: dict[str, Any] = {}
+    rule = fly.rule if fly is not None else "fly"
+    allowed = [key for key in REQUEST_KEYS
+               if key == "strict" or (key in _FSD_ONLY) == (rule == "fsd")]
+    for key, v in given.items():
+        if key not in allowed:
+            raise FlyConfigError(
+                f"unknown per-request fly key {key!r} for a server with rule {rule!r}; "
+                f"allowed: {', '.join(allowed)}"
+                " (over HTTP: vllm_xargs {\"fly_strict\": true, ...})")
+        if key == "strict":
+            out[key] = _as_bool(key, v)
+        elif key == "fsd_threshold":
+            out[key] = _check_fsd_threshold(v, fly.fsd_divergence, "per-request fly ")
+        elif key == "entropy_threshold":
+            v = _number_from_text(v)
+            if (not isinstance(v, (int, float)) or isinstance(v, bool)
+                    or not math.isfinite(v) or v < 0):
+                raise FlyConfigError(
+                    f"per-request fly entropy_threshold must be a finite number >= 0; "
+                    f"got {v!r}")
+            _check_threshold(float(v), top_k, "per-request fly")
+            out[key] = float(v)
+        else:
+            if isinstance(v, str) and v.isdigit():
+                v = int(v)
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v < k:
+                raise FlyConfigError(
+                    f"per-request fly window must be an integer in 1..{k - 1} "
+                    f"(K={k}); got {v!r}")
+            out[key] = v
+    return out
