@@ -43,7 +43,7 @@ import sys
 import time
 from typing import Any
 
-from fly_vllm.bench.scoring import gsm8k_extract
+from fly_vllm.bench.scoring import binom_bound, gsm8k_extract
 from fly_vllm.config import (
     FSD_MAX_THRESHOLD,
     FlyConfigError,
@@ -62,17 +62,7 @@ DEFAULT_FSD_THRESHOLDS = {"js": (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5),
 def binom_lower_bound(k: int, n: int, alpha: float = 0.05) -> float:
     """One-sided exact (Clopper-Pearson) lower confidence bound for a
     proportion k / n: the p with P[Bin(n, p) >= k] = alpha."""
-    if n <= 0 or k <= 0:
-        return 0.0
-
-    def tail(p: float) -> float:  # P[X >= k]
-        return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
-
-    lo, hi = 0.0, k / n
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if tail(mid) < alpha else (lo, mid)
-    return lo
+    return binom_bound(k, n, alpha) if n > 0 else 0.0
 
 
 def answer_of(text: str, how: str) -> str:

@@ -97,12 +97,14 @@ def fsd_verify(
     recovered_token_ids: torch.Tensor | None = None,  # [T] (native correction)
     resampled_token_ids: torch.Tensor | None = None,  # [T] from p (resample)
     veto: torch.Tensor | None = None,  # [T] bool, quality guards
+    loose_from: torch.Tensor | None = None,  # [B] int64, strict prefix; None = 0
 ) -> FlyVerifyOutput:
     """FSD verification for a batch with ragged drafts, in vLLM's layout.
 
     A draft is *loose* when the divergence test accepts it while the native
     test alone would not; ``veto`` and the -inf guard apply to loose accepts
-    only. ``exact`` rows (per-request ``strict``) use the native test alone.
+    only. ``exact`` rows (per-request ``strict``) use the native test alone,
+    as do positions ``i < loose_from`` (the request's strict prefix).
     ``draft_token_probs`` is q(d) for the native p/q test: 1 for a greedy
     drafter (vLLM treats its draft as one-hot), by default ``q`` at d.
 
@@ -130,7 +132,10 @@ def fsd_verify(
     else:
         native_random = valid & (q > 0) & ((p / q).double() >= uniform_probs)
     native = torch.where(greedy_tok, valid & (draft == argmax), native_random)
-    exact_tok = (torch.zeros_like(valid) if exact is None else exact[req])
+    exact_row = (torch.zeros_like(valid) if exact is None else exact[req])
+    in_strict_prefix = (torch.zeros_like(valid) if loose_from is None
+                        else pos < loose_from[req])
+    exact_tok = exact_row | in_strict_prefix
     use_native = exact_tok | (variant == "fallback")
 
     passed = valid & (div <= threshold[req]) & ~exact_tok
@@ -159,5 +164,6 @@ def fsd_verify(
         guard_vetoed=guard_vetoed,
         rule_vetoed=rule_vetoed,
         positions=pos,
+        prefix_exact=valid & ~native & in_strict_prefix & ~exact_row,
         divergence=div,
     )

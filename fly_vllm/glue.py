@@ -20,7 +20,7 @@ from vllm.v1.sample.rejection_sampler import RejectionSampler
 from fly_vllm import metrics
 from fly_vllm.config import FlyConfig, FlyConfigError, request_overrides
 from fly_vllm.fsd import fsd_verify
-from fly_vllm.verifier import FlyVerifyOutput, fly_verify, token_layout
+from fly_vllm.verifier import FlyVerifyOutput, fly_verify, prefix_start, token_layout
 
 logger = logging.getLogger("vllm.fly_vllm")  # under vLLM's handler
 _PATCHED_ATTR = "__fly_vllm_patched__"
@@ -115,11 +115,20 @@ def select_verifier(device: torch.device, rule: str = "fly"):
 class RequestSettings(NamedTuple):
     """One request's effective FLy settings (server defaults + overrides)."""
 
-    threshold: float  # FLy's entropy threshold, or FSD's T; +inf = strict
+    threshold: float  # FLy's entropy threshold (0 = no entropy test), or FSD's T; +inf = strict
     window: int
     structured: bool
     stop_ids: tuple[int, ...]
     stop_strs: tuple[str, ...]
+    margin: float = float("inf")  # FLy's margin gate bound; +inf = no margin test
+    strict_prefix: int = 0  # first generated tokens verified exactly
+
+
+def gate_limits(gate: str, entropy_threshold: float, margin: float) -> tuple[float, float]:
+    """(entropy threshold, margin bound) the verifier applies for a gate: a
+    test the gate does not use gets the bound that always passes."""
+    return (entropy_threshold if gate in ("entropy", "both") else 0.0,
+            margin if gate in ("margin", "both") else float("inf"))
 
 
 class FlyRejectionSampler(RejectionSampler):
@@ -175,10 +184,22 @@ class FlyRejectionSampler(RejectionSampler):
         """The effective settings of one batch row (cached per request)."""
         fly = self.fly
         # The rule's own threshold: FLy's entropy threshold or FSD's T.
-        key = "fsd_threshold" if fly.rule == "fsd" else "entropy_threshold"
+        fsd = fly.rule == "fsd"
+        key = "fsd_threshold" if fsd else "entropy_threshold"
+
+        def limits(ov: dict) -> tuple[float, float]:
+            if ov.get("strict", fly.strict):
+                return float("inf"), float("inf")
+            if fsd:
+                return ov.get(key, fly.fsd_threshold), float("inf")
+            return gate_limits(ov.get("gate", fly.gate),
+                               ov.get("entropy_threshold", fly.entropy_threshold),
+                               ov.get("margin", fly.margin))
+
         if row is None:
-            thr = float("inf") if fly.strict else getattr(fly, key)
-            return RequestSettings(thr, fly.window, False, (), ())
+            thr, margin = limits({})
+            return RequestSettings(thr, fly.window, False, (), (), margin,
+                                   fly.strict_prefix_tokens)
         rid, sp = row
         cached = self._per_request.get(rid)
         if cached is not None:
@@ -188,8 +209,7 @@ class FlyRejectionSampler(RejectionSampler):
                                    fly.entropy_top_k, fly)
         except FlyConfigError:  # validated by the front-end; be safe anyway
             ov = {}
-        strict = ov.get("strict", fly.strict)
-        thr = float("inf") if strict else ov.get(key, getattr(fly, key))
+        thr, margin = limits(ov)
         stops = getattr(sp, "stop", None) or ()
         out = RequestSettings(
             threshold=thr,
@@ -197,21 +217,47 @@ class FlyRejectionSampler(RejectionSampler):
             structured=getattr(sp, "structured_outputs", None) is not None,
             stop_ids=tuple(getattr(sp, "all_stop_token_ids", None) or ()),
             stop_strs=(stops,) if isinstance(stops, str) else tuple(stops),
+            margin=margin,
+            strict_prefix=ov.get("strict_prefix_tokens", fly.strict_prefix_tokens),
         )
         if len(self._per_request) > 4096:
             self._per_request.clear()
         self._per_request[rid] = out
         return out
 
-    def request_params(self, settings: list[RequestSettings], device: torch.device):
-        """Per-request threshold, window and span, [B] each."""
+    def _num_generated(self, rows) -> list[int]:
+        """Output tokens each batch row has before this step (0 where
+        unknown): the runner's cached ``output_token_ids``."""
+        runner = self._runner()
+        states = getattr(runner, "requests", {}) if runner is not None else {}
+        out = []
+        for r in rows:
+            st = states.get(r[0]) if r is not None else None
+            out.append(len(getattr(st, "output_token_ids", ()) or ()))
+        return out
+
+    def request_params(self, settings: list[RequestSettings], device: torch.device,
+                       num_generated: list[int] | None = None):
+        """Per-request [B] tensors: entropy threshold (or FSD's T), window,
+        span, margin bound, and the first draft position past the strict
+        prefix (``loose_from``; None when no request has a prefix)."""
         win = [st.window for st in settings]
         span = [w if self.fly.window_convention == "vllm" else w - 1 for w in win]
+        loose_from = None
+        if any(st.strict_prefix for st in settings):
+            gen = num_generated or [0] * len(settings)
+            loose_from = prefix_start(
+                torch.tensor([st.strict_prefix for st in settings], dtype=torch.int64),
+                torch.tensor(gen, dtype=torch.int64)).to(device)
+        margins = [st.margin for st in settings]
         return (
             torch.tensor([st.threshold for st in settings], dtype=torch.float32,
                          device=device),
             torch.tensor(win, dtype=torch.int64, device=device),
             torch.tensor(span, dtype=torch.int64, device=device),
+            None if all(m == float("inf") for m in margins) else torch.tensor(
+                margins, dtype=torch.float32, device=device),
+            loose_from,
         )
 
     # --------------------------------------------------------------- guards
@@ -314,7 +360,9 @@ class FlyRejectionSampler(RejectionSampler):
         rows = self._batch_requests(batch)
         req_ids = [r[0] if r is not None else None for r in rows]
         settings = [self._settings(r) for r in rows]
-        thr, window, span = self.request_params(settings, device)
+        thr, window, span, margin, loose_from = self.request_params(
+            settings, device,
+            self._num_generated(rows) if any(st.strict_prefix for st in settings) else None)
         masks = self.guard_masks(settings, num_draft_tokens, draft_token_ids,
                                  target_logits)
         veto = None
@@ -324,7 +372,7 @@ class FlyRejectionSampler(RejectionSampler):
             out = self._fsd_verify(
                 draft_token_ids, cu_num_draft_tokens, target_logits, target_probs,
                 draft_probs, bonus_token_ids, max_spec_len, thr, is_greedy, uniform,
-                recovered, veto, sm)
+                recovered, veto, sm, loose_from)
         else:
             out = self._verify(
                 draft_token_ids,
@@ -342,6 +390,8 @@ class FlyRejectionSampler(RejectionSampler):
                 uniform_probs=uniform,
                 recovered_token_ids=recovered,
                 veto=veto,
+                margin=margin,
+                loose_from=loose_from,
             )
         if not self._warmup.get():
             self._record(out, cu_num_draft_tokens, masks, req_ids)
@@ -349,7 +399,8 @@ class FlyRejectionSampler(RejectionSampler):
 
     def _fsd_verify(self, draft_token_ids, cu_num_draft_tokens, target_logits,
                     target_probs, draft_probs, bonus_token_ids, max_spec_len, thr,
-                    is_greedy, uniform, recovered, veto, sm) -> FlyVerifyOutput:
+                    is_greedy, uniform, recovered, veto, sm, loose_from=None
+                    ) -> FlyVerifyOutput:
         """Rule ``fsd``: FSD's divergence test on the captured draft
         distribution. Without one (vLLM's warm-up, or a request whose cached
         draft probabilities vLLM could not find) the step is verified
@@ -379,7 +430,8 @@ class FlyRejectionSampler(RejectionSampler):
             # The drafter is greedy: vLLM's p/q test sees a one-hot q.
             draft_token_probs=torch.ones(draft_token_ids.shape[0],
                                          device=target_probs.device),
-            recovered_token_ids=recovered, resampled_token_ids=resampled, veto=veto)
+            recovered_token_ids=recovered, resampled_token_ids=resampled, veto=veto,
+            loose_from=loose_from)
 
     def _record_requests(self, req_ids: list, out: FlyVerifyOutput, req: torch.Tensor,
                          n: torch.Tensor) -> None:
@@ -406,6 +458,8 @@ class FlyRejectionSampler(RejectionSampler):
             *[(out.rule_vetoed & masks[r]).sum() if r in masks
               else out.rule_vetoed.new_zeros((), dtype=torch.long)
               for r in metrics.GUARD_RULES],
+            (out.prefix_exact.sum() if out.prefix_exact is not None
+             else out.native.new_zeros((), dtype=torch.long)),
         ]).long()
         per_pos = torch.zeros(
             metrics.MAX_POSITIONS, dtype=torch.long, device=n.device

@@ -25,6 +25,9 @@ Counters (all ``vllm:fly_*`` so ``LLM.get_metrics()`` returns them):
     vllm:fly_guard_vetoes_total            uncertain mismatches on a -inf logit
     vllm:fly_{digit,structured,eos_stop}_guard_vetoes_total
                                            loose accepts vetoed by each guard
+    vllm:fly_prefix_exact_mismatches_total mismatches inside a request's
+                                           strict prefix (verified exactly;
+                                           neither uncertain nor gated)
     vllm:fly_drafter_calls_total           drafter proposals (steps that drafted)
     vllm:fly_drafter_passes_total          drafter forward passes over those
                                            steps (K per step without the
@@ -67,6 +70,9 @@ SCALARS = (
     ("digit_guard_vetoes", "Loose accepts vetoed by the digit guard."),
     ("structured_guard_vetoes", "Loose accepts vetoed inside structured output."),
     ("eos_stop_guard_vetoes", "Loose accepts of EOS, stop tokens or stop strings vetoed."),
+    ("prefix_exact_mismatches",
+     "Mismatches inside a request's strict prefix (strict_prefix_tokens), verified "
+     "exactly."),
 )
 GUARD_RULES = ("digits", "structured", "eos_stop")
 ACCEPT_RULES = ("fly", "fsd")

@@ -13,10 +13,20 @@ verifies with):
 1. **Native match.** Greedy rows: ``d_i == argmax p_i``. Random rows: vLLM's
    standard test ``q_i(d_i) > 0 and p_i(d_i) / q_i(d_i) >= u_i`` (q one-hot
    when the drafter gives no distribution).
-2. **Entropy gate.** A mismatch is *uncertain* when the top-k entropy of p_i,
-   ``-sum_{top-k} p log p`` in nats over the full-vocabulary probabilities
-   (not renormalised), is at least the threshold. A confident mismatch is a
-   real error.
+2. **Gate.** A mismatch is *uncertain* when it passes the request's gate,
+   one or both of:
+   - *entropy* (the paper's): the top-k entropy of p_i,
+     ``-sum_{top-k} p log p`` in nats over the full-vocabulary probabilities
+     (not renormalised), is at least the threshold;
+   - *margin* (llama.cpp's port): ``log p_i(argmax) - log p_i(d_i)``, the
+     target's preference for its own choice over the draft in nats (the
+     logit difference), is at most the margin.
+   A request's limits say which apply: threshold 0 leaves the entropy test
+   always passed, margin +inf the margin test. A mismatch that fails the
+   gate is a real error and is rejected (*gated*).
+   **Strict prefix.** Positions ``i < loose_from`` (the request's first
+   generated tokens, ``strict_prefix_tokens``) are verified exactly: a
+   mismatch there is neither uncertain nor gated (*prefix_exact*).
 3. **Deferred window.** An uncertain mismatch at i is rescued iff the ``span``
    positions after it all match natively (span = W by vLLM's convention,
    W - 1 by the paper's) and ``i + W < n``: the window is resolved inside
@@ -57,13 +67,17 @@ class FlyVerifyOutput:
         rescued: [T] bool, uncertain mismatch whose window matched.
         in_prefix: [T] bool, inside the accepted prefix (emitted as drafts).
         loose_accepted: [T] bool, rescued and inside the accepted prefix.
-        gated: [T] bool, mismatch rejected by the entropy gate (confident).
+        gated: [T] bool, mismatch rejected by the gate (confident).
+        prefix_exact: [T] bool, mismatch inside the request's strict prefix
+            (verified exactly, the gate not consulted).
         guard_vetoed: [T] bool, uncertain mismatch vetoed by the -inf guard.
         rule_vetoed: [T] bool, uncertain mismatch vetoed by a quality guard
             (the ``veto`` input).
         positions: [T] int64, position of each draft token in its request.
         entropy: [T] float32, top-k entropy in nats (FLy; None for FSD).
         divergence: [T] float32, D(p, q) per draft (FSD; None for FLy).
+        margin: [T] float32, log p(argmax) - log p(d) in nats (FLy; +inf
+            where the draft's logit is -inf; None for FSD).
     """
 
     output_token_ids: torch.Tensor
@@ -77,8 +91,10 @@ class FlyVerifyOutput:
     guard_vetoed: torch.Tensor
     rule_vetoed: torch.Tensor
     positions: torch.Tensor
+    prefix_exact: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     divergence: torch.Tensor | None = None
+    margin: torch.Tensor | None = None
 
 
 def topk_entropy(
@@ -99,6 +115,26 @@ def topk_entropy(
     p = logp.exp()
     terms = torch.where(p > 0, p * logp, torch.zeros_like(p))
     return torch.nan_to_num(-terms.sum(dim=-1), nan=0.0)
+
+
+def draft_margin(
+    max_logit: torch.Tensor,  # [T] float32, the row's largest logit
+    draft_logit: torch.Tensor,  # [T] float32
+) -> torch.Tensor:
+    """log p(argmax) - log p(d) = max logit - draft logit, in nats (>= 0);
+    +inf where the draft's logit is -inf (the gate can never open there)."""
+    return torch.where(draft_logit == float("-inf"), torch.full_like(draft_logit, float("inf")),
+                       max_logit - draft_logit)
+
+
+def prefix_start(
+    strict_prefix_tokens: torch.Tensor,  # [B] int64, N per request (0 = none)
+    num_generated: torch.Tensor,  # [B] int64, output tokens before this step
+) -> torch.Tensor:
+    """[B] int64: the first draft position that may be loosely accepted.
+    Draft i of a request that has generated g tokens becomes its output token
+    g + i (0-based), so its first N output tokens are drafts i < N - g."""
+    return (strict_prefix_tokens - num_generated).clamp(min=0)
 
 
 def token_layout(
@@ -173,13 +209,16 @@ def fly_verify(
     uniform_probs: torch.Tensor | None = None,  # [T] float64
     recovered_token_ids: torch.Tensor | None = None,  # [T]
     veto: torch.Tensor | None = None,  # [T] bool, quality guards
+    margin: torch.Tensor | None = None,  # [B] float32, nats; None/+inf = no test
+    loose_from: torch.Tensor | None = None,  # [B] int64; None = 0
 ) -> FlyVerifyOutput:
     """FLy verification for a batch with ragged drafts. See the module doc.
 
     ``target_probs``, ``uniform_probs`` and ``recovered_token_ids`` are needed
     only when some row samples (``is_greedy`` not all true); they are the
     values vLLM's own rejection sampler would use, so strict mode reproduces
-    vLLM token for token.
+    vLLM token for token. ``entropy_threshold`` +inf makes a request strict
+    whatever its margin.
     """
     device = target_logits.device
     num_tokens, vocab = target_logits.shape
@@ -216,11 +255,24 @@ def fly_verify(
         finite = valid & (draft_logit > float("-inf"))
         correction = argmax
 
+    max_logit = logits.gather(-1, argmax.unsqueeze(-1)).squeeze(-1)
+    # An invalid draft (placeholder, out of range) has no logit: margin +inf.
+    gap = draft_margin(max_logit, torch.where(valid, draft_logit, float("-inf")))
+
     mismatch = ~native
     thr = entropy_threshold[req]
     w = window[req]
-    open_gate = mismatch & (entropy >= thr)
-    gated = mismatch & (entropy < thr) & torch.isfinite(thr)
+    loose_ok = torch.isfinite(thr)
+    if loose_from is not None:
+        prefix_exact = mismatch & loose_ok & (pos < loose_from[req])
+    else:
+        prefix_exact = torch.zeros_like(mismatch)
+    passes = entropy >= thr
+    if margin is not None:
+        passes = passes & (gap <= margin[req])
+    considered = mismatch & ~prefix_exact
+    open_gate = considered & passes
+    gated = considered & ~passes & loose_ok
     fits = (pos + w) < n[req]
     uncertain = open_gate & finite & fits
     guard_vetoed = open_gate & valid & fits & ~finite
@@ -254,5 +306,7 @@ def fly_verify(
         guard_vetoed=guard_vetoed,
         rule_vetoed=rule_vetoed,
         positions=pos,
+        prefix_exact=prefix_exact,
         entropy=entropy,
+        margin=gap,
     )

@@ -4,10 +4,11 @@
    a single pass over the V logits that keeps, together, the running max and
    sum of exponentials (log-sum-exp), the argmax (first index of the max, as
    ``torch.argmax``), and the top-k logits (k <= 8) for the entropy gate. It
-   also reads the draft token's logit for the -inf guard.
-2. ``_accept_kernel``, one program per request: native match, entropy gate,
-   deferred window, guard, and vLLM's output row, for ragged drafts
-   (``cu_num_draft_tokens``).
+   also reads the draft token's logit, for the -inf guard and the margin gate
+   (max logit - draft logit).
+2. ``_accept_kernel``, one program per request: native match, strict prefix,
+   gate (entropy and/or margin), deferred window, guard, and vLLM's output
+   row, for ragged drafts (``cu_num_draft_tokens``).
 
 Decisions equal the torch reference (``fly_vllm.verifier.fly_verify``) bit for
 bit; the entropy is the same quantity summed in another order (float
@@ -24,8 +25,8 @@ import triton.language as tl
 from fly_vllm.kernels.common import emit_row, load_drafts, new_outputs
 from fly_vllm.verifier import FlyVerifyOutput, token_layout
 
-NATIVE, UNCERTAIN, RESCUED, IN_PREFIX, GATED, VETOED, RULE_VETOED = (
-    1, 2, 4, 8, 16, 32, 64)
+NATIVE, UNCERTAIN, RESCUED, IN_PREFIX, GATED, VETOED, RULE_VETOED, PREFIX_EXACT = (
+    1, 2, 4, 8, 16, 32, 64, 128)
 
 
 @triton.jit
@@ -37,6 +38,7 @@ def _row_stats_kernel(
     argmax_ptr,  # [T] int64 out
     entropy_ptr,  # [T] fp32 out
     draft_logit_ptr,  # [T] fp32 out
+    margin_ptr,  # [T] fp32 out: max logit - draft logit (+inf if draft is -inf)
     V,
     TOP_K: tl.constexpr,
     K_PAD: tl.constexpr,
@@ -88,6 +90,7 @@ def _row_stats_kernel(
     tl.store(argmax_ptr + row, best_idx)
     tl.store(entropy_ptr + row, entropy)
     tl.store(draft_logit_ptr + row, dl)
+    tl.store(margin_ptr + row, tl.where(dl == neg_inf, float("inf"), best - dl))
 
 
 @triton.jit
@@ -100,8 +103,11 @@ def _accept_kernel(
     argmax_ptr,  # [T] int64
     entropy_ptr,  # [T] fp32
     draft_logit_ptr,  # [T] fp32
+    margin_ptr,  # [T] fp32
     bonus_ptr,  # [B]
     thr_ptr,  # [B] fp32
+    max_margin_ptr,  # [B] fp32, +inf = no margin test
+    loose_from_ptr,  # [B] int64, strict prefix: first position allowed loose
     window_ptr,  # [B] int64
     span_ptr,  # [B] int64
     is_greedy_ptr,  # [B] bool (HAS_RANDOM)
@@ -132,11 +138,18 @@ def _accept_kernel(
             finite = valid & (p > 0) & (q > 0)
             correction = tl.load(recovered_ptr + t, mask=live, other=0).to(tl.int64)
     thr = tl.load(thr_ptr + b)
+    max_margin = tl.load(max_margin_ptr + b)
+    loose_from = tl.load(loose_from_ptr + b)
     w = tl.load(window_ptr + b)
     span = tl.load(span_ptr + b)
+    gap = tl.load(margin_ptr + t, mask=live, other=float("inf"))
     mismatch = live & (native == 0)
-    open_gate = mismatch & (ent >= thr)
-    gated = mismatch & (ent < thr)  # the wrapper drops rows with thr = inf
+    # The wrapper drops prefix and gated flags of strict rows (thr = inf).
+    prefix_exact = mismatch & (pos < loose_from)
+    considered = mismatch & (pos >= loose_from)
+    passes = (ent >= thr) & (gap <= max_margin)
+    open_gate = considered & passes
+    gated = considered & (passes == 0)
     fits = (pos + w) < n
     uncertain = open_gate & finite & fits
     vetoed = open_gate & valid & fits & (finite == 0)
@@ -157,7 +170,7 @@ def _accept_kernel(
     flags = (native.to(tl.int32) * 1 + uncertain.to(tl.int32) * 2
              + rescued.to(tl.int32) * 4 + in_prefix.to(tl.int32) * 8
              + gated.to(tl.int32) * 16 + vetoed.to(tl.int32) * 32
-             + rule_vetoed.to(tl.int32) * 64)
+             + rule_vetoed.to(tl.int32) * 64 + prefix_exact.to(tl.int32) * 128)
     tl.store(flags_ptr + t, flags, mask=live)
 
 
@@ -168,24 +181,26 @@ def _block_v(vocab: int) -> int:
 def row_stats(
     logits: torch.Tensor, draft_token_ids: torch.Tensor, top_k: int,
     block_v: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass over [T, V] logits: (lse, argmax, top-k entropy, draft logit)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over [T, V] logits: (lse, argmax, top-k entropy, draft logit,
+    margin = max logit - draft logit), each [T]."""
     T, V = logits.shape
     dev = logits.device
     lse = torch.empty(T, dtype=torch.float32, device=dev)
     amax = torch.empty(T, dtype=torch.int64, device=dev)
     ent = torch.empty(T, dtype=torch.float32, device=dev)
     dl = torch.empty(T, dtype=torch.float32, device=dev)
+    gap = torch.empty(T, dtype=torch.float32, device=dev)
     if T == 0:
-        return lse, amax, ent, dl
+        return lse, amax, ent, dl, gap
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     _row_stats_kernel[(T,)](
-        logits, logits.stride(0), draft_token_ids, lse, amax, ent, dl, V,
+        logits, logits.stride(0), draft_token_ids, lse, amax, ent, dl, gap, V,
         TOP_K=top_k, K_PAD=triton.next_power_of_2(max(top_k, 2)),
         BLOCK_V=block_v or _block_v(V), num_warps=8,
     )
-    return lse, amax, ent, dl
+    return lse, amax, ent, dl, gap
 
 
 def fly_verify_triton(
@@ -205,6 +220,8 @@ def fly_verify_triton(
     uniform_probs: torch.Tensor | None = None,
     recovered_token_ids: torch.Tensor | None = None,
     veto: torch.Tensor | None = None,
+    margin: torch.Tensor | None = None,
+    loose_from: torch.Tensor | None = None,
     block_v: int | None = None,
 ) -> FlyVerifyOutput:
     """Same contract and results as ``fly_vllm.verifier.fly_verify``."""
@@ -213,7 +230,11 @@ def fly_verify_triton(
     S = max_spec_len
     dev = target_logits.device
     draft = draft_token_ids.contiguous()
-    lse, amax, ent, dl = row_stats(target_logits, draft, entropy_top_k, block_v)
+    lse, amax, ent, dl, gap = row_stats(target_logits, draft, entropy_top_k, block_v)
+    if margin is None:
+        margin = torch.full((B,), float("inf"), device=dev)
+    if loose_from is None:
+        loose_from = torch.zeros(B, dtype=torch.int64, device=dev)
     has_random = is_greedy is not None
     p = q = u = rec = None
     if has_random:
@@ -227,8 +248,9 @@ def fly_verify_triton(
     if B > 0:
         _accept_kernel[(B,)](
             out, num_acc, flags, cu_num_draft_tokens.contiguous(), draft, amax, ent, dl,
-            bonus_token_ids.reshape(B).contiguous(),
-            entropy_threshold.float().contiguous(), window.long().contiguous(),
+            gap, bonus_token_ids.reshape(B).contiguous(),
+            entropy_threshold.float().contiguous(), margin.float().contiguous(),
+            loose_from.long().contiguous(), window.long().contiguous(),
             window_span.long().contiguous(),
             is_greedy if has_random else flags, p if has_random else ent,
             q if has_random else ent, u if has_random else ent,
@@ -239,11 +261,12 @@ def fly_verify_triton(
         )
     req, pos, _ = token_layout(cu_num_draft_tokens, T)
     bit = lambda m: (flags & m) != 0  # noqa: E731
+    loose_ok = torch.isfinite(entropy_threshold)[req]
     return FlyVerifyOutput(
         output_token_ids=out, num_accepted=num_acc, native=bit(NATIVE),
         uncertain=bit(UNCERTAIN), rescued=bit(RESCUED), in_prefix=bit(IN_PREFIX),
         loose_accepted=bit(RESCUED) & bit(IN_PREFIX),
-        gated=bit(GATED) & torch.isfinite(entropy_threshold)[req],
+        gated=bit(GATED) & loose_ok,
         guard_vetoed=bit(VETOED), rule_vetoed=bit(RULE_VETOED), positions=pos,
-        entropy=ent,
+        prefix_exact=bit(PREFIX_EXACT) & loose_ok, entropy=ent, margin=gap,
     )

@@ -26,7 +26,8 @@ from fly_vllm.fsd import DIVERGENCES, VARIANTS
 from fly_vllm.kernels.common import emit_row, load_drafts, new_outputs
 from fly_vllm.verifier import FlyVerifyOutput, token_layout
 
-NATIVE, LOOSE, IN_PREFIX, GATED, VETOED, RULE_VETOED = 1, 2, 8, 16, 32, 64
+NATIVE, LOOSE, IN_PREFIX, GATED, VETOED, RULE_VETOED, PREFIX_EXACT = (
+    1, 2, 8, 16, 32, 64, 128)
 
 
 @triton.jit
@@ -103,6 +104,7 @@ def _fsd_accept_kernel(
     bonus_ptr,  # [B]
     thr_ptr,  # [B] fp32 or fp64
     exact_ptr,  # [B] bool
+    loose_from_ptr,  # [B] int64, strict prefix
     is_greedy_ptr,  # [B] bool (HAS_RANDOM)
     u_ptr,  # [T] fp32 or fp64 uniforms (HAS_RANDOM)
     recovered_ptr,  # [T] native correction (HAS_RANDOM)
@@ -120,7 +122,9 @@ def _fsd_accept_kernel(
         cu_ptr, draft_ptr, argmax_ptr, b, V, BLOCK_S)
     div = tl.load(div_ptr + t, mask=live, other=0.0)
     p = tl.load(pd_ptr + t, mask=live, other=0.0)
-    exact = tl.load(exact_ptr + b) != 0
+    exact_row = tl.load(exact_ptr + b) != 0
+    in_strict_prefix = pos < tl.load(loose_from_ptr + b)
+    exact = exact_row | in_strict_prefix
     correction = amax
     if HAS_RANDOM:
         if not tl.load(is_greedy_ptr + b):
@@ -150,7 +154,9 @@ def _fsd_accept_kernel(
                          d, correction, S, BLOCK_S)
     flags = (native.to(tl.int32) * NATIVE + loose.to(tl.int32) * LOOSE
              + in_prefix.to(tl.int32) * IN_PREFIX + gated.to(tl.int32) * GATED
-             + vetoed.to(tl.int32) * VETOED + rule_vetoed.to(tl.int32) * RULE_VETOED)
+             + vetoed.to(tl.int32) * VETOED + rule_vetoed.to(tl.int32) * RULE_VETOED
+             + (valid & (native == 0) & in_strict_prefix & (exact_row == 0)).to(tl.int32)
+             * PREFIX_EXACT)
     tl.store(flags_ptr + t, flags, mask=live)
 
 
@@ -200,6 +206,7 @@ def fsd_verify_triton(
     recovered_token_ids: torch.Tensor | None = None,
     resampled_token_ids: torch.Tensor | None = None,
     veto: torch.Tensor | None = None,
+    loose_from: torch.Tensor | None = None,
     block_v: int | None = None,
 ) -> FlyVerifyOutput:
     """Same contract and results as ``fly_vllm.fsd.fsd_verify``."""
@@ -224,12 +231,14 @@ def fsd_verify_triton(
     thr = threshold if threshold.dtype in (torch.float32, torch.float64) else threshold.float()
     exact_b = (torch.zeros(B, dtype=torch.bool, device=dev) if exact is None
                else exact.contiguous())
+    if loose_from is None:
+        loose_from = torch.zeros(B, dtype=torch.int64, device=dev)
     out, num_acc, flags = new_outputs(B, max_spec_len, T, dev)
     if B > 0:
         _fsd_accept_kernel[(B,)](
             out, num_acc, flags, cu_num_draft_tokens.contiguous(), draft, amax, div, pd, qd,
             bonus_token_ids.reshape(B).contiguous(), thr.contiguous(), exact_b,
-            is_greedy.contiguous() if has_random else exact_b,
+            loose_from.long().contiguous(), is_greedy.contiguous() if has_random else exact_b,
             u if has_random else div, rec if has_random else amax,
             res if has_random else amax,
             veto.contiguous() if veto is not None else exact_b, V, max_spec_len,
@@ -244,5 +253,5 @@ def fsd_verify_triton(
         output_token_ids=out, num_accepted=num_acc, native=bit(NATIVE), uncertain=loose,
         rescued=loose, in_prefix=bit(IN_PREFIX), loose_accepted=loose & bit(IN_PREFIX),
         gated=bit(GATED), guard_vetoed=bit(VETOED), rule_vetoed=bit(RULE_VETOED),
-        positions=pos, divergence=div,
+        positions=pos, prefix_exact=bit(PREFIX_EXACT), divergence=div,
     )

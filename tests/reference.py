@@ -5,8 +5,14 @@ the tensor verifier against it."""
 from __future__ import annotations
 
 import math
+import struct
 
 NEG_INF = float("-inf")
+
+
+def f32(x: float) -> float:
+    """x rounded to float32, as the tensor verifier computes."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def softmax(row: list[float]) -> list[float]:
@@ -45,8 +51,15 @@ def verify_request(
     recovered: list[int] | None = None,
     draft_probs: list[list[float]] | None = None,
     veto: list[bool] | None = None,
+    margin: float = math.inf,
+    loose_from: int = 0,
 ) -> tuple[list[int], list[bool]]:
-    """Returns (emitted tokens, loose flag per emitted draft)."""
+    """Returns (emitted tokens, loose flag per emitted draft).
+
+    A mismatch is loosely accepted only at positions >= ``loose_from`` (the
+    strict prefix), where the top-k entropy is >= ``threshold`` and the
+    target's logit margin over the draft, max logit - draft logit (in
+    float32), is <= ``margin``; then the window and the guards decide."""
     n = len(drafts)
     vocab = len(logits[0]) if logits else 0
     native = []
@@ -68,7 +81,12 @@ def verify_request(
             emitted.append(d)
             loose.append(False)
             continue
-        uncertain = topk_entropy(logits[i], top_k) >= threshold
+        row = logits[i]
+        valid = 0 <= d < vocab
+        gap = (math.inf if not valid or row[d] == NEG_INF
+               else f32(row[argmax(row)] - row[d]))
+        uncertain = (i >= loose_from and topk_entropy(row, top_k) >= threshold
+                     and gap <= margin)
         fits = i + window < n
         vetoed = bool(veto and veto[i])
         if (uncertain and finite[i] and fits and not vetoed
@@ -80,3 +98,12 @@ def verify_request(
         return emitted, loose
     emitted.append(bonus)
     return emitted, loose
+
+
+def first_parting(a: list[int], b: list[int]) -> int:
+    """Index of the first token where two outputs differ (the shorter length
+    if one is a prefix of the other; the length if they are equal)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b)) if len(a) != len(b) else len(a)

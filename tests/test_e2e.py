@@ -195,3 +195,50 @@ def test_guards_veto_where_they_should(tiny_pair):
     assert m["vllm:fly_structured_guard_vetoes"] > 0
     # Guards off: the same requests do get loose accepts (the guard is what
     # stopped them), as test_json_schema_request_still_returns_valid_json shows.
+
+
+def test_margin_gate_and_strict_prefix_per_request(tiny_pair, greedy_runs):
+    """One batch, per-request settings on a loose server (entropy 0, W 2):
+    a strict prefix at least as long as the output gives the strict output;
+    a shorter one keeps the target's first tokens and is loose after them;
+    a margin gate that every mismatch passes acts as the loose server does,
+    and one that none passes (margin 0: only exact ties) is exact."""
+    from tests.reference import first_parting
+
+    t, near = tiny_pair["target"], tiny_pair["near"]
+    n = len(PROMPTS)
+    groups = [{}, {"strict_prefix_tokens": GREEDY["max_tokens"]},
+              {"strict_prefix_tokens": 12}, {"gate": "margin", "margin": 1000.0},
+              {"gate": "margin", "margin": 0.0}]
+    # Per prompt, a prefix that ends exactly where the loose server's output
+    # first parts from the target's: that loose accept must still happen.
+    parts = [first_parting(a, b) for a, b in zip(greedy_runs["loose"]["token_ids"],
+                                                  greedy_runs["nospec"]["token_ids"])]
+    extra = [{"fly": g} for g in groups for _ in PROMPTS]
+    extra += [{"fly": {"strict_prefix_tokens": p}} for p in parts]
+    groups.append("at the parting")
+    r = run_job({"model": t, "prompts": PROMPTS * len(groups), "sampling": GREEDY,
+                 "extra_args": extra,
+                 "max_num_seqs": n * len(groups),
+                 "speculative_config": spec(near, fly={"entropy_threshold": 0.0,
+                                                       "window": 2})},
+                "gate_prefix")
+    out = [r["token_ids"][i * n:(i + 1) * n] for i in range(len(groups))]
+    loose = [sum(x["loose_accepted_tokens"] for x in r["fly_stats"][i * n:(i + 1) * n])
+             for i in range(len(groups))]
+    target = greedy_runs["nospec"]["token_ids"]
+    assert loose[0] > 0 and out[0] != target
+    # A prefix of max_tokens: strict output, no loose accept, prefix counted.
+    assert out[1] == target and loose[1] == 0
+    assert r["metrics"]["vllm:fly_prefix_exact_mismatches"] > 0
+    # A prefix of 12: the first 12 tokens are the target's, loose after.
+    assert loose[2] > 0
+    assert all(first_parting(a, b) >= 12 for a, b in zip(out[2], target))
+    assert any(first_parting(a, b) < GREEDY["max_tokens"] for a, b in zip(out[2], target))
+    # The margin gate wide open is the loose server; shut, it is exact.
+    assert out[3] == out[0] and loose[3] == loose[0]
+    assert out[4] == target and loose[4] == 0
+    # Token N of the output (0-based) is the first that may be loose.
+    assert out[0] == greedy_runs["loose"]["token_ids"]
+    assert max(parts) < GREEDY["max_tokens"]
+    assert out[5] == out[0]

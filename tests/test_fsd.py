@@ -35,11 +35,14 @@ def ref_div(p, q, kind):
 
 
 def ref_request(drafts, P, Q, bonus, T, kind, variant, greedy=True, u=None, rec=None,
-                res=None, exact=False, veto=None):
+                res=None, exact=False, veto=None, loose_from=0):
     """One request, written from the rule: accept iff D <= T (a draft that
     the native test would reject also needs p(d) > 0 and no veto); the native
-    test also accepts under "fallback" and for exact requests."""
+    test also accepts under "fallback" and for exact requests, and decides
+    alone at positions before ``loose_from`` (the strict prefix)."""
+    whole_request_exact = exact
     for i, d in enumerate(drafts):
+        exact = whole_request_exact or i < loose_from
         p, q = P[i], Q[i]
         argmax = max(range(len(p)), key=lambda j: (p[j], -j))
         if greedy:
@@ -141,18 +144,20 @@ def test_matches_reference(data):
     res = torch.randint(0, V, (T_,), generator=g)
     exact = data.draw(st.lists(st.booleans(), min_size=len(n), max_size=len(n)))
     veto = torch.rand(T_, generator=g) < 0.2
+    loose_from = data.draw(st.lists(st.integers(0, 4), min_size=len(n), max_size=len(n)))
     out = fsd_verify(drafts, torch.tensor(n).cumsum(0), P, Q,
                      torch.arange(100, 100 + len(n)).reshape(-1, 1), max(n + [1]),
                      threshold=torch.full((len(n),), thr), kind=kind,
                      variant=variant, is_greedy=torch.tensor(greedy),
                      exact=torch.tensor(exact), uniform_probs=u, recovered_token_ids=rec,
-                     resampled_token_ids=res, veto=veto).output_token_ids
+                     resampled_token_ids=res, veto=veto,
+                     loose_from=torch.tensor(loose_from)).output_token_ids
     start = 0
     for b, k in enumerate(n):
         sl = slice(start, start + k)
         want = ref_request(drafts[sl].tolist(), P[sl].tolist(), Q[sl].tolist(), 100 + b,
                            thr, kind, variant, greedy[b], u[sl].tolist(), rec[sl].tolist(),
-                           res[sl].tolist(), exact[b], veto[sl].tolist())
+                           res[sl].tolist(), exact[b], veto[sl].tolist(), loose_from[b])
         got = [t for t in out[b].tolist() if t != PLACEHOLDER_TOKEN_ID]
         assert got == want
         start += k

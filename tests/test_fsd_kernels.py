@@ -19,7 +19,7 @@ from fly_vllm.kernels import fsd_row_stats, fsd_verify_triton  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FIELDS = ("output_token_ids", "num_accepted", "native", "uncertain", "rescued",
           "in_prefix", "loose_accepted", "gated", "guard_vetoed", "rule_vetoed",
-          "positions")
+          "positions", "prefix_exact")
 
 
 def probs(g, T, V, *, zero_frac=0.2, dtype=torch.float32):
@@ -76,6 +76,7 @@ def make_case(seed, B, K, V, *, kind="js", variant="resample", dtype=torch.float
     )
     if exact:
         args["exact"] = (torch.rand(B, generator=g) < 0.4).to(DEV)
+        args["loose_from"] = torch.randint(0, K + 1, (B,), generator=g).to(DEV)
     if veto:
         args["veto"] = (torch.rand(T, generator=g) < 0.3).to(DEV)
     if random_rows:

@@ -18,7 +18,7 @@ from fly_vllm.verifier import fly_verify, topk_entropy  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FIELDS = ("output_token_ids", "num_accepted", "native", "uncertain", "rescued",
           "in_prefix", "loose_accepted", "gated", "guard_vetoed", "rule_vetoed",
-          "positions")
+          "positions", "prefix_exact")
 
 
 def make_case(seed, B, K, V, *, dtype=torch.float32, zero_some=True, masked=True,
@@ -52,6 +52,9 @@ def make_case(seed, B, K, V, *, dtype=torch.float32, zero_some=True, masked=True
     args["window_span"] = args["window"] - torch.randint(0, 2, (B,), generator=g).to(DEV)
     if seed % 2:
         args["veto"] = (torch.rand(T, generator=g) < 0.3).to(DEV)
+    if seed % 3:  # the margin gate and a strict prefix, per request
+        args["margin"] = torch.tensor([float("inf"), 0.5, 0.0, 2.0] * B)[:B].to(DEV)
+        args["loose_from"] = torch.randint(0, K + 1, (B,), generator=g).to(DEV)
     if random_rows:
         probs = logits.float().softmax(-1)
         args.update(
@@ -70,6 +73,7 @@ def assert_same(args, block_v=None):
     for f in FIELDS:
         assert torch.equal(getattr(got, f).cpu(), getattr(ref, f).cpu()), f
     torch.testing.assert_close(got.entropy.cpu(), ref.entropy.cpu(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.margin.cpu(), ref.margin.cpu())
 
 
 @pytest.mark.parametrize("V, block_v", [(50, 16), (100, 32), (257, 64), (64, 64)])
@@ -81,7 +85,7 @@ def test_row_stats_match_torch(V, block_v):
     x[3, torch.rand(V, generator=g) < 0.5] = float("-inf")
     d = torch.tensor([0, 1, 2, V - 1, -1, V, 5]).int()
     for k in (1, 3, 8):
-        lse, amax, ent, dl = row_stats(x.to(DEV), d.to(DEV), k, block_v=block_v)
+        lse, amax, ent, dl, gap = row_stats(x.to(DEV), d.to(DEV), k, block_v=block_v)
         assert torch.equal(amax.cpu(), x.argmax(-1))
         ref_lse = torch.logsumexp(x, -1)
         torch.testing.assert_close(lse.cpu(), ref_lse, atol=1e-5, rtol=1e-5)
@@ -90,6 +94,9 @@ def test_row_stats_match_torch(V, block_v):
                               x.gather(1, d.long().clamp(0, V - 1)[:, None])[:, 0],
                               torch.tensor(float("-inf")))
         assert torch.equal(dl.cpu(), want_dl)
+        want_gap = torch.where(want_dl == float("-inf"), torch.tensor(float("inf")),
+                               x.max(-1).values - want_dl)
+        assert torch.equal(gap.cpu(), want_gap)
 
 
 @pytest.mark.parametrize("K", [2, 5, 8, 17, 32])

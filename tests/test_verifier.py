@@ -34,7 +34,7 @@ def uncertain(tok: int, other: int, vocab: int = V) -> list[float]:
 
 
 def run(reqs, *, threshold=0.3, window=2, span=None, top_k=3, max_spec_len=None,
-        bonus=None):
+        bonus=None, margin=None, loose_from=None):
     """reqs: list of (drafts, logits rows). Returns emitted rows and output."""
     span = window if span is None else span
     drafts = [d for r in reqs for d in r[0]]
@@ -55,6 +55,8 @@ def run(reqs, *, threshold=0.3, window=2, span=None, top_k=3, max_spec_len=None,
         window=torch.full((B,), window),
         window_span=torch.full((B,), span),
         entropy_top_k=top_k,
+        margin=None if margin is None else torch.full((B,), float(margin)),
+        loose_from=None if loose_from is None else torch.full((B,), loose_from),
     )
     emitted = [[t for t in row if t != PLACEHOLDER_TOKEN_ID]
                for row in out.output_token_ids.tolist()]
@@ -186,6 +188,96 @@ def test_entropy_matches_reference_and_handles_masked_rows():
     assert h[3].item() == 0.0  # an all-masked row can never open the gate
 
 
+def spread(tok: int, draft: int, gap: float, vocab: int = V) -> list[float]:
+    """Argmax `tok`, `draft` `gap` nats behind, and a third token between
+    them: the top-3 entropy is high (> 0.3) for any gap up to a few nats."""
+    row = [-10.0] * vocab
+    row[tok], row[draft] = 1.0, 1.0 - gap
+    row[(tok + draft + 1) % vocab if (tok + draft + 1) % vocab not in (tok, draft)
+        else 9] = 1.0 - gap / 2
+    return row
+
+
+def test_margin_gate_rejects_a_far_draft_the_entropy_gate_keeps():
+    logits = [spread(5, 1, 2.0), confident(2), confident(3), confident(4)]
+    drafts = [1, 2, 3, 4]
+    assert topk_entropy(torch.tensor([logits[0]]), 3).item() > 0.3
+    emitted, _ = run([(drafts, logits)], window=2)  # entropy alone: kept
+    assert emitted == [[1, 2, 3, 4, 100]]
+    emitted, out = run([(drafts, logits)], window=2, threshold=0.0, margin=0.3)
+    assert emitted == [[5]]
+    assert out.gated.tolist() == [True, False, False, False]
+    assert out.margin[0].item() == pytest.approx(2.0)
+    emitted, _ = run([(drafts, logits)], window=2, threshold=0.0, margin=2.5)
+    assert emitted == [[1, 2, 3, 4, 100]]
+
+
+def test_margin_gate_with_both_tests():
+    # Margin 0.2 (passes 0.3) but the entropy threshold 1.05 fails: both
+    # must pass.
+    row = [-10.0] * V
+    row[5], row[1] = 1.0, 0.8  # two tokens: top-3 entropy about 0.69
+    logits = [row, confident(2), confident(3), confident(4)]
+    emitted, out = run([([1, 2, 3, 4], logits)], window=2, threshold=1.05, margin=0.3)
+    assert topk_entropy(torch.tensor([logits[0]]), 3).item() < 1.05
+    assert emitted == [[5]] and out.gated[0]
+    emitted, _ = run([([1, 2, 3, 4], logits)], window=2, threshold=0.3, margin=0.3)
+    assert emitted == [[1, 2, 3, 4, 100]]
+
+
+def test_margin_tie_passes_a_zero_margin():
+    # The draft ties the argmax (which is the first index of the max): a
+    # mismatch with margin 0, which a margin of 0 accepts and nothing less.
+    row = [-10.0] * V
+    row[1] = row[5] = 1.0
+    logits = [row, confident(2), confident(3), confident(4)]
+    emitted, out = run([([5, 2, 3, 4], logits)], window=2, threshold=0.0, margin=0.0)
+    assert out.native[0].item() is False and out.margin[0].item() == 0.0
+    assert emitted == [[5, 2, 3, 4, 100]]
+
+
+def test_margin_of_a_masked_draft_is_infinite():
+    row = spread(5, 0, 0.1)
+    row[1] = -INF
+    logits = [row, confident(2), confident(3), confident(4)]
+    emitted, out = run([([1, 2, 3, 4], logits)], window=2, threshold=0.0, margin=1e30)
+    assert emitted == [[5]]
+    assert out.margin[0].item() == INF and not out.loose_accepted.any()
+
+
+def test_margin_gate_that_never_opens_is_exact():
+    drafts = [1, 2, 3, 4]
+    logits = [spread(5, 1, 0.05), confident(2), spread(7, 3, 0.01), confident(4)]
+    emitted, out = run([(drafts, logits)], window=1, threshold=0.0, margin=0.0)
+    exact, _ = run([(drafts, logits)], window=1, threshold=INF)
+    assert emitted == exact == [[5]]
+    assert not out.uncertain.any() and out.gated[0]
+
+
+def test_strict_prefix_verifies_the_first_positions_exactly():
+    drafts = [1, 2, 3, 4, 5, 6]
+    logits = [uncertain(9, 1), confident(2), uncertain(9, 3), confident(4),
+              confident(5), confident(6)]
+    emitted, _ = run([(drafts, logits)], window=1, max_spec_len=6)
+    assert emitted == [[1, 2, 3, 4, 5, 6, 100]]
+    emitted, out = run([(drafts, logits)], window=1, max_spec_len=6, loose_from=1)
+    assert emitted == [[9]]
+    assert out.prefix_exact.tolist() == [True] + [False] * 5
+    assert not out.gated.any()  # a prefix mismatch is not a gate decision
+    logits[0] = confident(1)
+    emitted, out = run([(drafts, logits)], window=1, max_spec_len=6, loose_from=2)
+    assert emitted == [[1, 2, 3, 4, 5, 6, 100]]  # position 2 is past the prefix
+    emitted, _ = run([(drafts, logits)], window=1, max_spec_len=6, loose_from=3)
+    assert emitted == [[1, 2, 9]]
+
+
+def test_prefix_start_counts_generated_tokens():
+    from fly_vllm.verifier import prefix_start
+
+    got = prefix_start(torch.tensor([0, 8, 8, 8]), torch.tensor([5, 1, 8, 20]))
+    assert got.tolist() == [0, 7, 0, 0]
+
+
 # ---------------------------------------------------------------- properties
 
 @st.composite
@@ -205,6 +297,11 @@ def batches(draw, random_rows: bool = False):
         for row in logits:  # every row keeps one finite logit, as vLLM's do
             if all(x == -INF for x in row):
                 row[0] = 0.0
+        # Most drafts match (as real drafts do), so windows hold and
+        # rescues happen: the gate, the window and the prefix get exercised.
+        for i, hit in enumerate(draw(st.lists(st.booleans(), min_size=n, max_size=n))):
+            if hit:
+                drafts[i] = max(range(vocab), key=lambda j: (logits[i][j], -j))
         reqs.append((drafts, logits))
     threshold = draw(st.sampled_from([0.0, 0.2, 0.5, 0.9, INF]))
     window = draw(st.integers(1, 4))
@@ -217,6 +314,11 @@ def batches(draw, random_rows: bool = False):
 @given(batches(), st.data())
 def test_greedy_matches_reference(case, data):
     vocab, reqs, threshold, window, span, top_k = case
+    B = len(reqs)
+    # The margin gate (None: entropy alone) and a strict prefix per request.
+    margin = data.draw(st.sampled_from([None, 0.0, 0.5, 1.0, 3.0, INF]))
+    loose_from = data.draw(st.one_of(st.none(), st.lists(
+        st.integers(0, 4), min_size=B, max_size=B)))
     T = sum(len(r[0]) for r in reqs)
     veto = data.draw(st.one_of(st.none(), st.lists(st.booleans(), min_size=T, max_size=T)))
     S = max([len(r[0]) for r in reqs] + [1])
@@ -234,6 +336,8 @@ def test_greedy_matches_reference(case, data):
         window_span=torch.full((B,), span),
         entropy_top_k=top_k,
         veto=None if veto is None else torch.tensor(veto, dtype=torch.bool),
+        margin=None if margin is None else torch.full((B,), margin),
+        loose_from=None if loose_from is None else torch.tensor(loose_from),
     )
     rows_out = out.output_token_ids.tolist()
     start = 0
@@ -242,6 +346,8 @@ def test_greedy_matches_reference(case, data):
         want, loose = verify_request(
             d, lg, 100 + b, threshold=threshold, window=window, span=span,
             top_k=top_k, veto=None if veto is None else veto[start:start + n],
+            margin=INF if margin is None else margin,
+            loose_from=0 if loose_from is None else loose_from[b],
         )
         got = [t for t in rows_out[b] if t != PLACEHOLDER_TOKEN_ID]
         assert got == want
@@ -263,6 +369,8 @@ def test_sampling_matches_reference(case, data):
     uniforms = data.draw(st.lists(st.floats(0.0, 0.999), min_size=T, max_size=T))
     recovered = data.draw(st.lists(st.integers(0, vocab - 1), min_size=T, max_size=T))
     use_q = data.draw(st.booleans())
+    margin = data.draw(st.sampled_from([None, 0.0, 1.0, INF]))
+    loose_from = data.draw(st.lists(st.integers(0, 3), min_size=B, max_size=B))
     q = torch.rand(T, vocab, generator=torch.Generator().manual_seed(T))
     q[:, 0] = 0.0 if vocab > 2 else q[:, 0]  # some draft tokens with q = 0
     q = q / q.sum(-1, keepdim=True).clamp_min(1e-9)
@@ -282,6 +390,8 @@ def test_sampling_matches_reference(case, data):
         draft_probs=q if use_q else None,
         uniform_probs=torch.tensor(uniforms, dtype=torch.float64),
         recovered_token_ids=torch.tensor(recovered),
+        margin=None if margin is None else torch.full((B,), margin),
+        loose_from=torch.tensor(loose_from),
     )
     start = 0
     for b, (d, lg) in enumerate(reqs):
@@ -291,6 +401,7 @@ def test_sampling_matches_reference(case, data):
             top_k=top_k, greedy=greedy[b], uniforms=uniforms[start:start + n],
             recovered=recovered[start:start + n],
             draft_probs=q[start:start + n].tolist() if use_q else None,
+            margin=INF if margin is None else margin, loose_from=loose_from[b],
         )
         got = [t for t in out.output_token_ids[b].tolist() if t != PLACEHOLDER_TOKEN_ID]
         assert got == want

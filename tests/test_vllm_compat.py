@@ -158,7 +158,14 @@ def test_per_request_hooks(root):
     sp = ast.unparse(module(root, "sampling_params.py"))
     for attr in ("extra_args", "structured_outputs", "def all_stop_token_ids", "stop:"):
         assert attr in sp, attr
-    assert "req_ids" in ast.unparse(module(root, "v1/worker/gpu_input_batch.py"))
+    batch = module(root, "v1/worker/gpu_input_batch.py")
+    assert "req_ids" in ast.unparse(batch)
+    # The strict prefix counts a request's generated tokens from its cached
+    # state, which the runner extends after each step's sampling.
+    state = find(batch, "CachedRequestState", ast.ClassDef)
+    assert "output_token_ids" in {n.target.id for n in state.body
+                                  if isinstance(n, ast.AnnAssign)}
+    assert "req_state.output_token_ids.extend(sampled_ids)" in runner
     # The OpenAI front-end turns a request into SamplingParams (vllm_xargs into
     # extra_args) before it starts the engine's generator, so a check there
     # can answer 400 even for a streamed request.

@@ -123,7 +123,19 @@ def load_sharegpt(limit: int | None, max_chars: int = 2000) -> list[Item]:
     return items
 
 
-def load(name: str, limit: int | None, data: str | None = None) -> list[Item]:
+def load(name: str, limit: int | None, data: str | None = None, skip: int = 0
+         ) -> list[Item]:
+    """``limit`` items of dataset ``name`` (all if None) after the first
+    ``skip``, in file order; item ids keep their place in the file, so a
+    skipped range gives disjoint ids (a calibration set and an evaluation
+    set from one file)."""
+    if skip:
+        items = _load(name, None if limit is None else skip + limit, data)
+        return items[skip:]
+    return _load(name, limit, data)
+
+
+def _load(name: str, limit: int | None, data: str | None = None) -> list[Item]:
     if name == "gsm8k":
         return load_gsm8k(limit, data)
     if name == "humaneval":

@@ -124,6 +124,15 @@ def _modes(args) -> list[Mode]:
             # --flex adds settings such as {"flex_max_batch": 4}).
             modes.append(Mode(n, fly(args.threshold, args.window, flex=True, **args.flex),
                               args.threshold, args.window))
+        elif n == "points":
+            # Named settings from --points, each at its own K.
+            if not args.points:
+                raise SystemExit("mode 'points' needs --points FILE")
+            for pt in args.points:
+                kk = pt.get("K", k)
+                modes.append(Mode(pt["name"], {
+                    "method": "fly", **_drafter(args, pt.get("drafter")),
+                    "num_speculative_tokens": kk, "fly": dict(pt.get("fly", {}))}))
         elif n == "sweep":
             points = [(t, args.window) for t in args.sweep_threshold] + [
                 (args.threshold, w) for w in args.sweep_window]
@@ -134,7 +143,7 @@ def _modes(args) -> list[Mode]:
         else:
             raise SystemExit(f"unknown mode {n!r}: use nospec, strict, fly, fly-digits, "
                              "fly-eos, fsd, fsd-fallback, fly-multilevel, fly-flex, "
-                             "strict-ngram, fly-ngram, sweep")
+                             "strict-ngram, fly-ngram, points, sweep")
     return modes
 
 
@@ -157,9 +166,42 @@ def _quantiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(xs), q[2]
 
 
+def _capped(r: dict, max_tokens: int | None) -> bool:
+    """Did the output stop at the token cap? vLLM's finish reason where the
+    run recorded it, else its length against ``max_tokens``."""
+    if r.get("finish_reason") is not None:
+        return r["finish_reason"] == "length"
+    n = len(r["token_ids"]) if "token_ids" in r else r.get("n_tokens", 0)
+    return max_tokens is not None and n >= max_tokens
+
+
+def divergence_metrics(res: list[dict], tgt: dict[str, dict]) -> dict:
+    """What a mode changes in the outputs against the target's own (items of
+    ``res`` that ``tgt`` has, by id): output length ratio (tokens over the
+    target's, summed over the items), the share of identical outputs, and,
+    among the others, the first token where the output parts from the
+    target's (median and quartiles; an output that is a prefix of the other
+    parts where the shorter ends)."""
+    pairs = [(r["token_ids"], tgt[r["id"]]["token_ids"]) for r in res
+             if r["id"] in tgt and "token_ids" in r and "token_ids" in tgt[r["id"]]]
+    if not pairs:
+        return {}
+    mine, theirs = sum(len(a) for a, _ in pairs), sum(len(b) for _, b in pairs)
+    parts = []
+    for a, b in pairs:
+        if a == b:
+            continue
+        first = scoring.first_difference(a, b)
+        parts.append(min(len(a), len(b)) if first is None else first)
+    return {"output_length_ratio": mine / theirs if theirs else float("nan"),
+            "identical": (len(pairs) - len(parts)) / len(pairs),
+            "parted": len(parts), "first_parting_q": _quantiles([float(x) for x in parts])}
+
+
 def score_run(run: dict, items: dict[str, ds.Item], target: dict | None,
-              sandbox_cache: dict) -> dict[str, dict]:
-    """Per-dataset metrics of one run (`target`: the no-spec run, same T)."""
+              sandbox_cache: dict, max_tokens: int | None = None) -> dict[str, dict]:
+    """Per-dataset metrics of one run (`target`: the no-spec run, same T;
+    `max_tokens`: the cap, for runs that did not record a finish reason)."""
     out = {}
     tgt = {r["id"]: r for r in (target or {}).get("results", [])}
     for group, counters in run["group_counters"].items():
@@ -179,6 +221,10 @@ def score_run(run: dict, items: dict[str, ds.Item], target: dict | None,
             "tok_s_q": _quantiles(tok_s), "tpot_ms_q": _quantiles(tpot),
             **acceptance(counters),
             "acceptance_per_position": [a / drafts for a in per_pos] if drafts else [],
+            "output_tokens_mean": sum(ntok) / len(ntok) if ntok else float("nan"),
+            "capped": (sum(_capped(r, max_tokens) for r in res) / len(res)
+                       if res else float("nan")),
+            **divergence_metrics(res, tgt),
         }
         correct = []
         if group in ("gsm8k", "humaneval"):
@@ -210,8 +256,13 @@ def score_run(run: dict, items: dict[str, ds.Item], target: dict | None,
             m["agreement_lcs_ci"] = scoring.bootstrap_ci(agree)
             m["exact_match"] = sum(float(x == 1.0) for x in agree) / len(agree)
         if same_answer:
-            m["answer_agreement"] = sum(same_answer) / len(same_answer)
+            k = int(sum(same_answer))
+            m["answer_agreement"] = k / len(same_answer)
             m["answer_agreement_ci"] = scoring.bootstrap_ci(same_answer)
+            m["answer_agreement_k"] = k
+            m["answer_agreement_exact_ci"] = scoring.exact_ci(k, len(same_answer))
+            m["answer_disagree"] = [r["id"] for r, x in zip(
+                [r for r in res if r["id"] in tgt], same_answer) if not x]
         out[group] = m
     return out
 
@@ -331,7 +382,36 @@ def write_report(out: Path, env: dict, settings: dict, table: list[dict]) -> Non
                 f"{_ci(m, 'retention')} | {_flips(m)} | {_ci(m, 'answer_agreement')} | "
                 f"{_ci(m, 'agreement_lcs')} |")
         lines.append("")
+        lines += _changes_table([r for r in table if r["temperature"] == temp])
     (out / "report.md").write_text("\n".join(lines))
+
+
+def _changes_table(rows: list[dict]) -> list[str]:
+    """What each mode changes in the outputs, against the target's own."""
+    lines = ["What each mode changes against the target's own outputs (no-spec, same "
+             "items): mean output tokens and their ratio to the target's, the share "
+             "that hit max_tokens, identical outputs, the first token where the "
+             "others part from the target's (median [p25, p75]), and final-answer "
+             "agreement with its exact (Clopper-Pearson) 95% interval.", "",
+             "| dataset | mode | at once | output tokens | length ratio | capped | "
+             "identical | first parting token | answer agreement (exact 95%) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["metrics"]
+        q = m.get("first_parting_q")
+        part = (f"{_fmt(q[1], '{:.0f}')} [{_fmt(q[0], '{:.0f}')}, {_fmt(q[2], '{:.0f}')}]"
+                if q and m.get("parted") else "–")
+        agree = "–"
+        if "answer_agreement_exact_ci" in m:
+            lo, hi = m["answer_agreement_exact_ci"]
+            agree = (f"{m['answer_agreement_k']}/{m['n']} = {m['answer_agreement']:.3f} "
+                     f"[{lo:.3f}, {hi:.3f}]")
+        lines.append(
+            f"| {r['dataset']} | {r['mode']} | {r.get('concurrency', 1)} | "
+            f"{_fmt(m.get('output_tokens_mean'), '{:.0f}')} | "
+            f"{_fmt(m.get('output_length_ratio'))} | {_fmt(m.get('capped'), '{:.1%}')} | "
+            f"{_fmt(m.get('identical'), '{:.1%}')} | {part} | {agree} |")
+    return lines + [""]
 
 
 def plot(out: Path, table: list[dict]) -> list[str]:
@@ -436,6 +516,22 @@ def _run_key(mode: Mode, temp: float, common: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def load_points(text: str) -> list[dict]:
+    """--points: a JSON list of {"name", "K", "fly"} (a file path or inline)."""
+    raw = text if text.lstrip().startswith("[") else Path(text).read_text()
+    try:
+        points = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--points is not valid JSON: {e}") from None
+    names = [p.get("name") if isinstance(p, dict) else None for p in points]
+    if not isinstance(points, list) or not all(isinstance(n, str) and n for n in names):
+        raise argparse.ArgumentTypeError(
+            '--points must be a JSON list of objects, each with a "name"')
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError("--points: names must be unique")
+    return points
+
+
 def parse_limit(text: str) -> dict[str, int]:
     """'20' -> {'*': 20}; 'gsm8k=150,humaneval=164' -> per dataset."""
     if "=" not in text:
@@ -474,6 +570,13 @@ def parse_args(argv):
     ap.add_argument("--limit", type=parse_limit, default=None,
                     help="items per dataset: N for each, or per dataset, such as "
                     "gsm8k=150,humaneval=164")
+    ap.add_argument("--skip", type=parse_limit, default=None,
+                    help="items to skip first, per dataset like --limit (such as "
+                    "gsm8k=1000): a set disjoint from the first items")
+    ap.add_argument("--points", type=load_points, default=None,
+                    help="mode 'points': a JSON file (or inline JSON) listing settings, "
+                    'each {"name": ..., "K": 8, "fly": {...}} (K default -k; '
+                    '"fly": {"strict": true} is strict SD at that K)')
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")],
                     default=[0.0, 1.0])
@@ -502,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     items: list[ds.Item] = []
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         limit = args.limit.get(name, args.limit.get("*")) if args.limit else None
-        items += ds.load(name, limit, args.data)
+        skip = args.skip.get(name, args.skip.get("*", 0)) if args.skip else 0
+        items += ds.load(name, limit, args.data, skip)
     by_id = {it.id: it for it in items}
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or Path("benchmarks/results") / f"bench-{stamp}")
@@ -526,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
                     "concurrency": args.concurrency}
     counts = {d: sum(1 for it in items if it.dataset == d) for d in dict.fromkeys(
         it.dataset for it in items)}
-    settings.update(items=counts, items_at=args.limit_at or None,
+    settings.update(items=counts, skipped=args.skip, items_at=args.limit_at or None,
                     max_tokens=args.max_tokens, engine=args.engine,
                     data=args.data)
     print(f"[fly-bench] {len(modes)} modes x {len(args.temperatures)} temperatures on "
@@ -587,9 +691,11 @@ def main(argv: list[str] | None = None) -> int:
     for temp in args.temperatures:
         for conc in concs:
             base_run = runs.get(("no-spec", temp, conc))
-            base = score_run(base_run, by_id, None, cache) if base_run else {}
+            base = (score_run(base_run, by_id, None, cache, args.max_tokens)
+                    if base_run else {})
             for mode in modes:
-                metrics = score_run(runs[(mode.name, temp, conc)], by_id, base_run, cache)
+                metrics = score_run(runs[(mode.name, temp, conc)], by_id, base_run, cache,
+                                    args.max_tokens)
                 add_relative(metrics, base)
                 for d, m in metrics.items():
                     table.append({"mode": mode.name, "temperature": temp, "concurrency": conc,

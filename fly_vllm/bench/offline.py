@@ -145,6 +145,7 @@ def _worker(job: dict) -> dict:
             for r, o in zip(chunk, outs):
                 results.append({"id": r.get("id"), "group": g, "text": o.outputs[0].text,
                                 "token_ids": list(o.outputs[0].token_ids),
+                                "finish_reason": o.outputs[0].finish_reason,
                                 "latency": dt if conc == 1 else None})
             if job.get("progress") and conc == 1:
                 done = sum(1 for x in results if x["group"] == g)

@@ -121,6 +121,33 @@ def ratio_ci(num: Sequence[float], den: Sequence[float], n_boot: int = 2000,
     return ratios[int(alpha / 2 * len(ratios))], ratios[int((1 - alpha / 2) * len(ratios)) - 1]
 
 
+def binom_bound(k: int, n: int, alpha: float, upper: bool = False) -> float:
+    """One-sided exact (Clopper-Pearson) confidence bound of a proportion
+    k / n at level 1 - alpha: the lower bound is the p with
+    P[Bin(n, p) >= k] = alpha (0 for k = 0), the upper the p with
+    P[Bin(n, p) <= k] = alpha (1 for k = n)."""
+    if n <= 0:
+        return float("nan")
+    if upper:
+        return 1.0 - binom_bound(n - k, n, alpha)
+    if k <= 0:
+        return 0.0
+
+    def tail(p: float) -> float:  # P[X >= k]
+        return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+    lo, hi = 0.0, k / n
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tail(mid) < alpha else (lo, mid)
+    return lo
+
+
+def exact_ci(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Two-sided exact (Clopper-Pearson) 1 - alpha interval of k / n."""
+    return binom_bound(k, n, alpha / 2), binom_bound(k, n, alpha / 2, upper=True)
+
+
 def mcnemar_exact(right_to_wrong: int, wrong_to_right: int) -> float:
     """Two-sided exact McNemar p-value: the binomial test of the discordant
     pairs against an even split (1.0 when there are none)."""

@@ -1,18 +1,23 @@
 """The optional parts of the ``"fly"`` block, each checked on its own: the
-acceptance rule and FSD's keys, the multi-level drafter, flex decoding."""
+acceptance rule and FSD's keys, FLy's gate, the multi-level drafter, flex
+decoding."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fly_vllm.config.checks import _check_fsd_threshold, _check_number, _switch
 from fly_vllm.config.schema import (
+    _ENTROPY_ONLY,
     _FLY_ONLY,
     _FSD_ONLY,
+    _MARGIN_ONLY,
     DEFAULT_FLEX_MAX_BATCH,
     DEFAULT_FSD_THRESHOLD,
     FSD_DIVERGENCES,
     FSD_VARIANTS,
+    GATES,
     NO_DISTRIBUTION_DRAFTERS,
     RULES,
     FlyConfig,
@@ -165,3 +170,46 @@ def _check_multilevel(block: dict[str, Any], spec: dict[str, Any], drafter: str 
             "per pass); remove use_heterogeneous_vocab / parallel_drafting")
     return out
 
+
+
+def check_gate_keys(gate: Any, given: dict[str, Any], where: str) -> None:
+    """``gate`` is one of GATES, and ``given`` holds no key of a test the
+    gate does not use (a margin under the entropy gate would be ignored)."""
+    if gate not in GATES:
+        raise FlyConfigError(f"{where}gate must be one of {list(GATES)}; got {gate!r}")
+    unused = {"entropy": _MARGIN_ONLY, "margin": _ENTROPY_ONLY}.get(gate, ())
+    stray = [k for k in unused if k in given]
+    if stray:
+        uses = "margin" if stray[0] in _MARGIN_ONLY else "entropy"
+        raise FlyConfigError(
+            f"{where}{stray[0]} belongs to the {uses} test, which gate {gate!r} does not "
+            f"use; remove it, or set {where}gate to {uses!r} or 'both'")
+
+
+def check_margin(value: Any, where: str) -> float:
+    """The margin gate's bound: a finite number of nats >= 0."""
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not math.isfinite(value) or value < 0):
+        raise FlyConfigError(
+            f"{where}margin must be a finite number >= 0 (nats: the most the target may "
+            f"prefer its own token over the draft, log p(top) - log p(draft)); got {value!r}")
+    return float(value)
+
+
+def _check_gate(block: dict[str, Any]) -> dict[str, Any]:
+    """FLy's gate: which test opens a mismatch to the window, and its bound."""
+    gate = block.get("gate", FlyConfig.gate)
+    check_gate_keys(gate, block, "fly.")
+    return {"gate": gate, "margin": check_margin(block.get("margin", FlyConfig.margin),
+                                                 "fly.")}
+
+
+def check_strict_prefix(value: Any, where: str) -> int:
+    """``strict_prefix_tokens``: an integer >= 0."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise FlyConfigError(
+            f"{where}strict_prefix_tokens must be an integer >= 0 (the first N generated "
+            f"tokens are verified exactly); got {value!r}")
+    return value

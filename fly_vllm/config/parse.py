@@ -9,7 +9,13 @@ import os
 from typing import Any
 
 from fly_vllm.config.checks import _check_number, _check_threshold
-from fly_vllm.config.features import _check_flex, _check_fsd, _check_multilevel
+from fly_vllm.config.features import (
+    _check_flex,
+    _check_fsd,
+    _check_gate,
+    _check_multilevel,
+    check_strict_prefix,
+)
 from fly_vllm.config.schema import (
     _FLY_KEYS,
     DEFAULT_WINDOW,
@@ -189,6 +195,8 @@ def parse_fly_config(spec: dict[str, Any]) -> tuple[dict[str, Any], FlyConfig]:
             f"got {convention!r}"
         )
     fsd = _check_fsd(block, spec, drafter)
+    gate = _check_gate(block) if fsd["rule"] == "fly" else {}
+    prefix = check_strict_prefix(block.get("strict_prefix_tokens", 0), "fly.")
     multilevel = _check_multilevel(block, spec, drafter, fsd["rule"])
     flex = _check_flex(block, spec, k, drafter)
     flags = {}
@@ -202,7 +210,9 @@ def parse_fly_config(spec: dict[str, Any]) -> tuple[dict[str, Any], FlyConfig]:
         window=window,
         entropy_top_k=top_k,
         window_convention=convention,
+        strict_prefix_tokens=prefix,
         drafter=drafter,
+        **gate,
         **flags,
         **fsd,
         **multilevel,

@@ -8,9 +8,14 @@ import math
 from typing import Any
 
 from fly_vllm.config.checks import _check_fsd_threshold, _check_threshold, _number_from_text
-from fly_vllm.config.schema import _FSD_ONLY, FlyConfig, FlyConfigError
+from fly_vllm.config.features import check_gate_keys, check_margin, check_strict_prefix
+from fly_vllm.config.schema import FlyConfig, FlyConfigError
 
-REQUEST_KEYS = ("strict", "entropy_threshold", "window", "fsd_threshold")
+REQUEST_KEYS = ("strict", "strict_prefix_tokens", "gate", "entropy_threshold", "margin",
+                "window", "fsd_threshold")
+# Keys of one rule only (the others apply to both).
+_RULE_KEYS = {"fly": ("gate", "entropy_threshold", "margin", "window"),
+              "fsd": ("fsd_threshold",)}
 
 
 def _as_bool(key: str, v: Any) -> bool:
@@ -30,11 +35,14 @@ def request_overrides(extra_args: dict[str, Any] | None, k: int,
     They come from ``SamplingParams.extra_args``, either as a ``"fly"`` dict
     (offline) or as flat ``fly_<key>`` entries (the OpenAI server's
     ``vllm_xargs``, which takes flat values only). Keys: ``strict`` (true:
-    exact verification for this request), ``entropy_threshold`` (0 up to
-    the largest top-k entropy, `max_topk_entropy(top_k)`, with `top_k` the
-    server's) and ``window`` (1..K-1) for rule ``fly``; ``fsd_threshold``
-    for rule ``fsd`` (the server's ``fly`` config decides which apply).
-    Returns the overrides as a dict (empty if none).
+    exact verification for this request) and ``strict_prefix_tokens`` (an
+    integer >= 0) for both rules; ``gate`` (entropy, margin, both),
+    ``entropy_threshold`` (0 up to the largest top-k entropy,
+    `max_topk_entropy(top_k)`, with `top_k` the server's), ``margin`` (nats,
+    >= 0) and ``window`` (1..K-1) for rule ``fly``; ``fsd_threshold`` for
+    rule ``fsd`` (the server's ``fly`` config decides which apply). A key of
+    a test the request's gate (its own, else the server's) does not use is
+    an error. Returns the overrides as a dict (empty if none).
 
     Raises:
         FlyConfigError: an unknown key, a wrong type or a value out of range.
@@ -52,8 +60,8 @@ def request_overrides(extra_args: dict[str, Any] | None, k: int,
             given[key[len("fly_"):]] = v
     out: dict[str, Any] = {}
     rule = fly.rule if fly is not None else "fly"
-    allowed = [key for key in REQUEST_KEYS
-               if key == "strict" or (key in _FSD_ONLY) == (rule == "fsd")]
+    other = _RULE_KEYS["fsd" if rule == "fly" else "fly"]
+    allowed = [key for key in REQUEST_KEYS if key not in other]
     for key, v in given.items():
         if key not in allowed:
             raise FlyConfigError(
@@ -62,6 +70,15 @@ def request_overrides(extra_args: dict[str, Any] | None, k: int,
                 " (over HTTP: vllm_xargs {\"fly_strict\": true, ...})")
         if key == "strict":
             out[key] = _as_bool(key, v)
+        elif key == "strict_prefix_tokens":
+            if isinstance(v, str) and v.isdigit():
+                v = int(v)
+            out[key] = check_strict_prefix(v, "per-request fly ")
+        elif key == "gate":
+            check_gate_keys(v, {}, "per-request fly ")
+            out[key] = v
+        elif key == "margin":
+            out[key] = check_margin(_number_from_text(v), "per-request fly ")
         elif key == "fsd_threshold":
             out[key] = _check_fsd_threshold(v, fly.fsd_divergence, "per-request fly ")
         elif key == "entropy_threshold":
@@ -83,4 +100,7 @@ def request_overrides(extra_args: dict[str, Any] | None, k: int,
                     f"per-request fly window must be an integer in 1..{k - 1} "
                     f"(K={k}); got {v!r}")
             out[key] = v
+    if rule == "fly":
+        gate = out.get("gate", fly.gate if fly is not None else FlyConfig.gate)
+        check_gate_keys(gate, out, "per-request fly ")
     return out

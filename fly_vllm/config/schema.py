@@ -29,7 +29,15 @@ DEFAULT_FSD_THRESHOLD = 0.4  # the authors' example, with "js"
 DEFAULT_FLEX_MAX_BATCH = 4
 # Drafters that propose tokens without a distribution: FSD cannot use them.
 NO_DISTRIBUTION_DRAFTERS = ("ngram", "ngram_gpu", "suffix", "medusa", "custom_class")
-_FLY_ONLY = ("entropy_threshold", "window", "entropy_top_k", "window_convention")
+GATES = ("entropy", "margin", "both")
+# llama.cpp's FLy port: a mismatch is a candidate iff log p(top1) - log p(d)
+# is below 0.3 nats (ggml-org/llama.cpp discussion 24804).
+DEFAULT_MARGIN = 0.3
+_FLY_ONLY = ("entropy_threshold", "window", "entropy_top_k", "window_convention", "gate",
+             "margin")
+# Keys of one gate only: the entropy test's, and the margin test's.
+_ENTROPY_ONLY = ("entropy_threshold", "entropy_top_k")
+_MARGIN_ONLY = ("margin",)
 _FSD_ONLY = ("fsd_divergence", "fsd_threshold", "fsd_variant")
 
 
@@ -45,7 +53,20 @@ class FlyConfig:
     Attributes:
         entropy_threshold: Top-k entropy, in nats, at or above which a
             mismatch is *uncertain* and may be loosely accepted. Default 0.3
-            (the paper's). 0 makes every mismatch uncertain.
+            (the paper's). 0 makes every mismatch uncertain. Gates
+            ``"entropy"`` and ``"both"`` only.
+        gate: which test a mismatch must pass to be a loose candidate:
+            ``"entropy"`` (default, the paper's: top-k entropy >=
+            ``entropy_threshold``), ``"margin"`` (llama.cpp's port:
+            log p(argmax) - log p(draft) <= ``margin``, the target's own
+            preference for its choice, in nats, on the distribution
+            verification uses) or ``"both"``. The window and every guard
+            apply whatever the gate.
+        margin: the margin gate's bound in nats (>= 0). Default 0.3 (the
+            llama.cpp port's). Gates ``"margin"`` and ``"both"`` only.
+        strict_prefix_tokens: N. A request's first N generated tokens are
+            verified exactly; the loose rule (FLy's or FSD's) applies after
+            them. Default 0. An answer picks its path in its first tokens.
         window: W. An uncertain mismatch at draft position i is accepted only
             if the draft positions after it all match natively. Default
             ``min(6, K - 1)``, as in vLLM 0.33's native FLy.
@@ -113,6 +134,9 @@ class FlyConfig:
     """
 
     entropy_threshold: float = 0.3
+    gate: str = "entropy"
+    margin: float = DEFAULT_MARGIN
+    strict_prefix_tokens: int = 0
     window: int = DEFAULT_WINDOW
     entropy_top_k: int = 3
     strict: bool = False
@@ -148,6 +172,8 @@ class FlyConfig:
         """The settings that apply under this config's rule: ``to_dict``
         without the other rule's keys (an FSD config has no entropy gate)."""
         other = _FSD_ONLY if self.rule == "fly" else _FLY_ONLY
+        if self.rule == "fly":
+            other += {"entropy": _MARGIN_ONLY, "margin": _ENTROPY_ONLY}.get(self.gate, ())
         return {k: v for k, v in self.to_dict().items() if k not in other}
 
     @classmethod
