@@ -156,6 +156,90 @@ def test_throughput_uses_wall_time_when_requests_overlap():
     assert m["tok_s"] == pytest.approx(20.0) and m["tpot_ms_q"][1] == pytest.approx(50.0)
 
 
+def test_what_a_mode_changes_against_the_target():
+    """Length ratio, cap-outs, identical outputs, first parting token and
+    exact answer agreement, on hand-made runs."""
+    from fly_vllm.bench import harness
+
+    tgt = [{"id": "a", "group": "gsm8k", "text": "so #### 4", "token_ids": [1, 2, 3, 4],
+            "finish_reason": "stop"},
+           {"id": "b", "group": "gsm8k", "text": "#### 5", "token_ids": [1, 2],
+            "finish_reason": "stop"},
+           {"id": "c", "group": "gsm8k", "text": "#### 6", "token_ids": [7, 8, 9],
+            "finish_reason": "stop"}]
+    mode = [{"id": "a", "group": "gsm8k", "text": "so #### 4", "token_ids": [1, 2, 3, 4],
+             "finish_reason": "stop"},
+            {"id": "b", "group": "gsm8k", "text": "#### 9", "token_ids": [1, 5, 6, 6, 6, 6],
+             "finish_reason": "length"},
+            {"id": "c", "group": "gsm8k", "text": "#### 6", "token_ids": [7, 8],
+             "finish_reason": "stop"}]
+    items = {i: ds.Item("gsm8k", i, [], ref) for i, ref in (("a", "4"), ("b", "5"),
+                                                            ("c", "6"))}
+
+    def run(res):
+        return {"results": res, "group_counters": {"gsm8k": {}},
+                "group_elapsed": {"gsm8k": 1.0}}
+
+    m = harness.score_run(run(mode), items, run(tgt), {})["gsm8k"]
+    assert m["output_length_ratio"] == pytest.approx(12 / 9)
+    assert m["capped"] == pytest.approx(1 / 3)
+    assert m["identical"] == pytest.approx(1 / 3) and m["parted"] == 2
+    # b parts at token 1; c is a prefix of the target's, so it parts at 2.
+    assert m["first_parting_q"][1] == pytest.approx(1.5)
+    assert m["answer_agreement_k"] == 2 and m["answer_disagree"] == ["b"]
+    lo, hi = m["answer_agreement_exact_ci"]
+    assert lo == pytest.approx(0.0943, abs=1e-3) and hi == pytest.approx(0.9916, abs=1e-3)
+    # Without a recorded finish reason, the cap decides.
+    for r in mode:
+        del r["finish_reason"]
+    m = harness.score_run(run(mode), items, run(tgt), {}, max_tokens=6)["gsm8k"]
+    assert m["capped"] == pytest.approx(1 / 3)
+    assert "output_length_ratio" not in harness.score_run(run(mode), items, None,
+                                                          {})["gsm8k"]
+
+
+def test_exact_binomial_interval():
+    assert scoring.exact_ci(97, 100) == pytest.approx((0.9148, 0.9938), abs=1e-4)
+    assert scoring.exact_ci(0, 10)[0] == 0.0 and scoring.exact_ci(10, 10)[1] == 1.0
+    assert scoring.binom_bound(60, 60, 0.05) == pytest.approx(0.05 ** (1 / 60))
+
+
+def test_points_skip_and_bf16_warning(tmp_path, monkeypatch):
+    from fly_vllm.bench import harness
+
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps([{"name": "m K8", "K": 8, "fly": {"gate": "margin",
+                                                              "margin": 0.3}},
+                             {"name": "strict K4", "K": 4, "fly": {"strict": True}}]))
+    args = harness.parse_args(["--drafter", "D", "-k", "4", "--modes", "nospec,points",
+                               "--points", str(f), "--skip", "gsm8k=1000"])
+    modes = harness.build_modes(args)
+    assert [m.name for m in modes] == ["no-spec", "m K8", "strict K4"]
+    assert modes[1].spec["num_speculative_tokens"] == 8
+    assert modes[1].spec["fly"] == {"gate": "margin", "margin": 0.3}
+    assert args.skip == {"gsm8k": 1000}
+    for bad in ('[{"K": 4}]', '[{"name": "a"}, {"name": "a"}]', "[oops"):
+        with pytest.raises(Exception):
+            harness.load_points(bad)
+    bad_point = tmp_path / "bad.json"
+    bad_point.write_text(json.dumps([{"name": "x", "fly": {"margin": 0.3}}]))
+    with pytest.raises(SystemExit, match="belongs to the margin test"):
+        harness.build_modes(harness.parse_args(
+            ["--drafter", "D", "--modes", "points", "--points", str(bad_point)]))
+    monkeypatch.setattr(harness, "cpu_flags", lambda: ["avx2", "avx512f"])
+    assert "avx512_bf16" in harness.warn_bf16_fallback({"dtype": "bfloat16"})
+    assert harness.warn_bf16_fallback({"dtype": "float32"}) is None
+    monkeypatch.setattr(harness, "cpu_flags", lambda: ["avx512_bf16"])
+    assert harness.warn_bf16_fallback({"dtype": "bfloat16"}) is None
+
+
+def test_skip_gives_a_disjoint_item_range():
+    first = ds.load("gsm8k", 5)
+    later = ds.load("gsm8k", 3, skip=5)
+    assert [it.id for it in later] == ["gsm8k-5", "gsm8k-6", "gsm8k-7"]
+    assert not {it.id for it in first} & {it.id for it in later}
+
+
 @pytest.mark.e2e
 def test_small_benchmark_run(tiny_pair, tmp_path):
     gsm = tmp_path / "gsm.jsonl"
