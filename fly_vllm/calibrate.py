@@ -6,8 +6,10 @@ drafter), a prompt file and a target agreement (say 0.995), it
 1. runs every prompt exactly (per-request ``strict``: lossless speculation,
    the target's own greedy output) as the reference;
 2. runs every prompt again for each point of a grid, through per-request
-   overrides on the same engine: FLy's ``entropy_threshold`` x ``window``, or
-   FSD's ``fsd_threshold`` (the rule comes from the config);
+   overrides on the same engine: for FLy, each gate (``--gates``: the
+   entropy test's ``entropy_threshold``, the margin test's ``margin``, or
+   both) x ``window``; for FSD, ``fsd_threshold`` (the rule comes from the
+   config); each point at every ``--strict-prefix`` N;
 3. measures, per point, the agreement with the reference (the share of
    prompts whose answer is the same) and the mean accepted length (vLLM's
    counters: 1 + accepted / drafts);
@@ -15,6 +17,12 @@ drafter), a prompt file and a target agreement (say 0.995), it
    meets the target, if that length beats strict verification's (else
    strict), as a ready fly.json, with the calibration set's size, the
    agreement and its exact 95% lower bound in its header comments.
+
+``--holdout F`` keeps a share F of the prompts (a seeded shuffle) out of the
+choice: the point is chosen on the others and its agreement is reported on
+the held-out prompts, an out-of-sample figure that the header states too.
+Choosing the best of many points on the same prompts that report it
+overstates its agreement; the held-out figure does not.
 
 Agreement, ``--agreement``:
     ``answer`` (default): the last number of the output (``####`` answers
@@ -43,9 +51,10 @@ import sys
 import time
 from typing import Any
 
-from fly_vllm.bench.scoring import binom_bound, gsm8k_extract
+from fly_vllm.bench.scoring import binom_bound, exact_ci, gsm8k_extract
 from fly_vllm.config import (
     FSD_MAX_THRESHOLD,
+    GATES,
     FlyConfigError,
     is_fly,
     load_speculative_config,
@@ -55,6 +64,8 @@ from fly_vllm.config import (
 
 DEFAULT_FLY_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
 DEFAULT_FLY_WINDOWS = (1, 2, 3, 4, 6)
+DEFAULT_MARGINS = (0.1, 0.3, 0.7)
+DEFAULT_GATES = ("entropy", "margin")
 DEFAULT_FSD_THRESHOLDS = {"js": (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5),
                           "tv": (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)}
 
@@ -106,40 +117,89 @@ def disagreements(texts: list[str], ref: list[str], prompts: list[dict[str, Any]
             if answer_of(t, how) != r]
 
 
-def generate_texts(llm, prompts: list[dict[str, Any]], params) -> list[str]:
-    """One output text per prompt, in order: prompts with ``"prompt"``
+def generate_outputs(llm, prompts: list[dict[str, Any]], params) -> list[Any]:
+    """One vLLM output per prompt, in order: prompts with ``"prompt"``
     through ``llm.generate``, the others (``"messages"``) through
     ``llm.chat``."""
-    texts: list[str] = [""] * len(prompts)
+    outputs: list[Any] = [None] * len(prompts)
     plain = [i for i, p in enumerate(prompts) if "prompt" in p]
     chat = [i for i, p in enumerate(prompts) if "prompt" not in p]
     for key, call, idx in (("prompt", llm.generate, plain), ("messages", llm.chat, chat)):
         if idx:
             outs = call([prompts[i][key] for i in idx], params, use_tqdm=False)
             for i, o in zip(idx, outs):
-                texts[i] = o.outputs[0].text
-    return texts
+                outputs[i] = o
+    return outputs
+
+
+def generate_texts(llm, prompts: list[dict[str, Any]], params) -> list[str]:
+    """One output text per prompt, in order (see ``generate_outputs``)."""
+    return [o.outputs[0].text for o in generate_outputs(llm, prompts, params)]
+
+
+def split_holdout(n: int, share: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(calibration, held-out) prompt positions: a seeded shuffle of 0..n-1,
+    round(share * n) of them held out (both parts kept in file order)."""
+    import random
+
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = sorted(order[:round(share * n)])
+    keep = set(held)
+    return [i for i in range(n) if i not in keep], held
+
+
+def part_stats(stats: list[dict], idx: list[int]) -> float | None:
+    """Mean accepted length (1 + accepted / steps) over the prompts ``idx``
+    from per-request totals (``fly_vllm.request_stats``)."""
+    steps = sum(stats[i]["steps"] for i in idx)
+    acc = sum(stats[i]["native_accepted_tokens"] + stats[i]["loose_accepted_tokens"]
+              for i in idx)
+    return 1 + acc / steps if steps else None
 
 
 def grid_points(fly, k: int, thresholds: list[float] | None,
-                windows: list[int] | None) -> list[dict[str, Any]]:
-    """The per-request overrides to try, loosest-last within each window."""
+                windows: list[int] | None, gates: list[str] | None = None,
+                margins: list[float] | None = None,
+                prefixes: list[int] | None = None) -> list[dict[str, Any]]:
+    """The per-request overrides to try: for FLy, each gate x window,
+    loosest-last within each (``gates`` default: the entropy gate alone; a
+    "both" point pairs every threshold with every margin); for FSD, each
+    threshold; every point at each strict prefix N (0: none). Each FLy point
+    names its gate, so it means the same whatever the server's gate."""
+    prefixes = sorted(set(prefixes or [0]))
+    if any(n < 0 for n in prefixes):
+        raise SystemExit("--strict-prefix values must be >= 0")
+
+    def with_prefixes(points: list[dict]) -> list[dict]:
+        return [{**p, **({"strict_prefix_tokens": n} if n else {})}
+                for n in prefixes for p in points]
+
     if fly.rule == "fsd":
         ts = thresholds or DEFAULT_FSD_THRESHOLDS.get(fly.fsd_divergence)
         if ts is None:
             raise SystemExit(f"--thresholds is required for fsd_divergence "
                              f"{fly.fsd_divergence!r} (no default grid)")
         hi = FSD_MAX_THRESHOLD.get(fly.fsd_divergence, math.inf)
-        return [{"fsd_threshold": float(t)} for t in ts if 0 <= t <= hi]
-    ts = thresholds or DEFAULT_FLY_THRESHOLDS
-    ws = windows or DEFAULT_FLY_WINDOWS
+        return with_prefixes([{"fsd_threshold": float(t)} for t in ts if 0 <= t <= hi])
+    gates = list(gates or ("entropy",))
+    bad = [g for g in gates if g not in GATES]
+    if bad:
+        raise SystemExit(f"unknown gate {bad[0]!r} in --gates; use {', '.join(GATES)}")
     top = max_topk_entropy(fly.entropy_top_k)
-    pts = [{"entropy_threshold": float(t), "window": int(w)}
-           for w in ws if 1 <= w < k for t in sorted(ts, reverse=True) if 0 <= t <= top]
+    ts = [float(t) for t in sorted(thresholds or DEFAULT_FLY_THRESHOLDS, reverse=True)
+          if 0 <= t <= top]
+    ms = [float(m) for m in sorted(margins or DEFAULT_MARGINS) if m >= 0]
+    ws = [int(w) for w in windows or DEFAULT_FLY_WINDOWS if 1 <= w < k]
+    tests = {"entropy": [{"entropy_threshold": t} for t in ts],
+             "margin": [{"margin": m} for m in ms],
+             "both": [{"entropy_threshold": t, "margin": m} for t in ts for m in ms]}
+    pts = [{"gate": g, **test, "window": w}
+           for g in gates for w in ws for test in tests[g]]
     if not pts:
-        raise SystemExit(f"no grid point fits: windows must be 1..{k - 1} (K={k}) and "
-                         f"thresholds 0..{top:.4g}")
-    return pts
+        raise SystemExit(f"no grid point fits: windows must be 1..{k - 1} (K={k}), "
+                         f"thresholds 0..{top:.4g} and margins >= 0")
+    return with_prefixes(pts)
 
 
 def choose(rows: list[dict], target: float, floor: float | None = None) -> dict | None:
@@ -166,6 +226,12 @@ def write_config(path: str, spec: dict, point: dict | None, report: list[str]) -
     if point is None:
         block["strict"] = True
     else:
+        # The chosen gate's keys replace the base config's: a margin point
+        # drops the entropy test's keys, an entropy point the margin.
+        unused = {"margin": ("entropy_threshold", "entropy_top_k"),
+                  "entropy": ("margin",)}.get(point.get("gate"), ())
+        for key in unused:
+            block.pop(key, None)
         block.update(point)
     with open(path, "w", encoding="utf-8") as f:
         for line in report:
@@ -207,8 +273,10 @@ def plot_curve(path: str, rows: list[dict], chosen: dict | None, retention: floa
 
 
 def _short_point(p: dict) -> str:
-    names = {"entropy_threshold": "t", "window": "W", "fsd_threshold": "T"}
-    return " ".join(f"{names.get(k, k)}={v:g}" for k, v in p.items())
+    names = {"entropy_threshold": "t", "window": "W", "fsd_threshold": "T", "margin": "m",
+             "strict_prefix_tokens": "N"}
+    return " ".join(f"{names.get(k, k)}={v:g}" for k, v in p.items()
+                    if not isinstance(v, str))
 
 
 def _fmt_point(p: dict) -> str:
@@ -239,13 +307,29 @@ def run(args: argparse.Namespace) -> int:
     if fly.rule == "fsd" and args.windows:
         print("fly-vllm calibrate: --windows applies to rule 'fly' only", file=sys.stderr)
         return 2
-    points = grid_points(fly, k, args.thresholds, args.windows)
+    if fly.rule == "fsd" and (args.gates or args.margins):
+        print("fly-vllm calibrate: --gates and --margins apply to rule 'fly' only",
+              file=sys.stderr)
+        return 2
+    if not 0 <= args.holdout < 1:
+        print("fly-vllm calibrate: --holdout must be a share in [0, 1)", file=sys.stderr)
+        return 2
+    points = grid_points(fly, k, args.thresholds, args.windows,
+                         args.gates or list(DEFAULT_GATES), args.margins, args.strict_prefix)
     prompts = read_prompts(args.prompts)
-    n = len(prompts)
-    print(f"[calibrate] {n} prompts, {len(points)} grid points + 1 reference run, "
-          f"rule {fly.rule}, K={k}, agreement by {args.agreement}", file=sys.stderr,
-          flush=True)
+    n_all = len(prompts)
+    calib, held = split_holdout(n_all, args.holdout, args.holdout_seed)
+    if args.holdout and (not held or not calib):
+        print(f"fly-vllm calibrate: --holdout {args.holdout} of {n_all} prompts leaves "
+              "one part empty", file=sys.stderr)
+        return 2
+    n = len(calib)
+    print(f"[calibrate] {n_all} prompts"
+          + (f" ({n} to choose on, {len(held)} held out)" if held else "")
+          + f", {len(points)} grid points + 1 reference run, rule {fly.rule}, K={k}, "
+          f"agreement by {args.agreement}", file=sys.stderr, flush=True)
 
+    from fly_vllm import request_stats
     from fly_vllm.bench.offline import acceptance, counter_delta, counters, worker_env
 
     os.environ.update(worker_env(dict(os.environ)))
@@ -255,47 +339,71 @@ def run(args: argparse.Namespace) -> int:
               enforce_eager=True, dtype=args.dtype, max_model_len=args.max_model_len,
               seed=0, max_num_seqs=args.max_num_seqs)
 
-    def generate(overrides: dict) -> tuple[list[str], dict]:
+    def generate(overrides: dict) -> tuple[list[str], list[dict], dict]:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
                                 extra_args={"fly": overrides})
         before = counters(llm)
-        texts = generate_texts(llm, prompts, params)
-        return texts, acceptance(counter_delta(counters(llm), before))
+        outs = generate_outputs(llm, prompts, params)
+        return ([o.outputs[0].text for o in outs], request_stats(outs),
+                acceptance(counter_delta(counters(llm), before)))
+
+    def part(texts: list[str], stats: list[dict], idx: list[int], acc: dict) -> dict:
+        """Agreement and mean accepted length over the prompts ``idx``."""
+        sub = [prompts[i] for i in idx]
+        differ = disagreements([texts[i] for i in idx], [ref[i] for i in idx], sub,
+                               args.agreement)
+        agree = len(idx) - len(differ)
+        length = part_stats(stats, idx)
+        if length is None and len(idx) == n_all:
+            length = acc["mean_accepted_length"]
+        return {"agree": agree, "n": len(idx), "agreement": agree / len(idx),
+                "disagree": differ, "lower": binom_lower_bound(agree, len(idx)),
+                "interval": list(exact_ci(agree, len(idx))),
+                "mean_accepted_length": length}
 
     t0 = time.perf_counter()
-    ref_texts, ref_acc = generate({"strict": True})
+    ref_texts, ref_stats, ref_acc = generate({"strict": True})
     ref = [answer_of(t, args.agreement) for t in ref_texts]
-    rows = [{"point": {"strict": True}, "agreement": 1.0, "agree": n, "disagree": [],
-             "lower": binom_lower_bound(n, n),
-             "mean_accepted_length": ref_acc["mean_accepted_length"], "loose_rate": 0.0}]
+
+    def row(point: dict, texts: list[str], stats: list[dict], acc: dict) -> dict:
+        r = {"point": point, **part(texts, stats, calib, acc),
+             "loose_rate": acc["loose_rate"] or 0.0}
+        if held:
+            r["holdout"] = part(texts, stats, held, acc)
+        return r
+
+    rows = [row({"strict": True}, ref_texts, ref_stats, ref_acc)]
     print(f"[calibrate] reference (strict) done in {time.perf_counter() - t0:.0f}s; "
-          f"mean accepted length {ref_acc['mean_accepted_length'] or 0:.2f}",
+          f"mean accepted length {rows[0]['mean_accepted_length'] or 0:.2f}",
           file=sys.stderr, flush=True)
     for j, point in enumerate(points, 1):
-        texts, acc = generate(point)
-        differ = disagreements(texts, ref, prompts, args.agreement)
-        agree = n - len(differ)
-        rows.append({"point": point, "agree": agree, "agreement": agree / n,
-                     "disagree": differ,
-                     "lower": binom_lower_bound(agree, n),
-                     "mean_accepted_length": acc["mean_accepted_length"],
-                     "loose_rate": acc["loose_rate"]})
+        rows.append(row(point, *generate(point)))
+        r = rows[-1]
         print(f"[calibrate] {j}/{len(points)} {_fmt_point(point)}: agreement "
-              f"{agree}/{n}, mean accepted length {acc['mean_accepted_length'] or 0:.2f} "
-              f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+              f"{r['agree']}/{n}, mean accepted length {r['mean_accepted_length'] or 0:.2f}"
+              + (f"; held out {r['holdout']['agree']}/{len(held)}" if held else "")
+              + f" ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
 
     best = choose(rows[1:], args.retention, floor=rows[0]["mean_accepted_length"])
-    header = f"{'setting':<40} {'agree':>9} {'agreement':>9} {'95% low':>8} {'acc len':>8}"
+    width = max(40, *(len(_fmt_point(r["point"])) for r in rows))
+    header = (f"{'setting':<{width}} {'agree':>9} {'agreement':>9} {'95% low':>8} "
+              f"{'acc len':>8}" + (f" {'held out':>9} {'acc len':>8}" if held else ""))
     table = [header, "-" * len(header)]
     for r in rows:
         mark = " <- chosen" if best is not None and r is best else ""
-        table.append(f"{_fmt_point(r['point']):<40} {r['agree']:>4}/{n:<4} "
+        ho = ""
+        if held:
+            h = r["holdout"]
+            ho = f" {h['agree']:>4}/{h['n']:<4} {h['mean_accepted_length'] or 0:>8.2f}"
+        table.append(f"{_fmt_point(r['point']):<{width}} {r['agree']:>4}/{n:<4} "
                      f"{r['agreement']:>9.3f} {r['lower']:>8.3f} "
-                     f"{r['mean_accepted_length'] or 0:>8.2f}{mark}")
+                     f"{r['mean_accepted_length'] or 0:>8.2f}{ho}{mark}")
     print("\n".join(table))
+    source = (f"{n} of {n_all} prompts from {args.prompts} ({len(held)} held out, "
+              f"seed {args.holdout_seed})" if held else f"{n} prompts from {args.prompts}")
     report = [
         f"Calibrated by fly-vllm calibrate on {time.strftime('%Y-%m-%d')}: target "
-        f"{args.model}, {n} prompts from {args.prompts},",
+        f"{args.model}, chosen on {source},",
         f"greedy, max_tokens {args.max_tokens}, agreement by {args.agreement} with the "
         f"target's own output, required >= {args.retention}.",
     ]
@@ -315,13 +423,27 @@ def run(args: argparse.Namespace) -> int:
         if best["lower"] < args.retention:
             report.append(f"With {n} prompts the set cannot show {args.retention} at 95% "
                           f"confidence: the bound is {best['lower']:.3f}.")
+        if held:
+            h = best["holdout"]
+            lo, hi = h["interval"]
+            report.append(
+                f"Out of sample, on the {h['n']} held-out prompts: agreement {h['agree']}/"
+                f"{h['n']} = {h['agreement']:.3f} (exact 95% interval {lo:.3f}..{hi:.3f}), "
+                f"mean accepted length {h['mean_accepted_length'] or 0:.2f} (strict: "
+                f"{rows[0]['holdout']['mean_accepted_length'] or 0:.2f}).")
+            if h["agreement"] < args.retention:
+                report.append(f"The held-out agreement is below the required "
+                              f"{args.retention}: the choice does not generalise on this "
+                              "set; calibrate on more prompts or ask for less.")
     write_config(args.out, spec, None if best is None else best["point"], report)
     print("\n".join(report))
     print(f"[calibrate] wrote {args.out}", file=sys.stderr)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"rows": rows, "chosen": best, "n": n, "retention": args.retention,
-                       "agreement": args.agreement}, f, indent=1)
+            json.dump({"rows": rows, "chosen": best, "n": n, "n_holdout": len(held),
+                       "holdout_ids": [prompts[i].get("id", i) for i in held],
+                       "retention": args.retention, "agreement": args.agreement}, f,
+                      indent=1)
     if args.plot:
         plot_curve(args.plot, rows, best, args.retention, n)
         print(f"[calibrate] wrote {args.plot}", file=sys.stderr)
@@ -330,6 +452,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x.strip()]
+
+
+def _names(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
 
 
 def _ints(s: str) -> list[int]:
@@ -355,6 +481,20 @@ def main(argv: list[str]) -> int:
                     help="comma-separated thresholds (FLy: entropy in nats; FSD: T)")
     ap.add_argument("--windows", type=_ints, default=None,
                     help="comma-separated windows W (FLy only; each < K)")
+    ap.add_argument("--gates", type=_names, default=None,
+                    help="FLy gates to try, comma-separated: entropy, margin, both "
+                    "(default entropy,margin)")
+    ap.add_argument("--margins", type=_floats, default=None,
+                    help="comma-separated margins in nats for the margin and both gates "
+                    f"(default {','.join(f'{m:g}' for m in DEFAULT_MARGINS)})")
+    ap.add_argument("--strict-prefix", type=_ints, default=None,
+                    help="comma-separated strict_prefix_tokens N to try with every point "
+                    "(default 0: none)")
+    ap.add_argument("--holdout", type=float, default=0.0,
+                    help="share of the prompts held out of the choice and reported on "
+                    "(0 <= F < 1; default 0)")
+    ap.add_argument("--holdout-seed", type=int, default=0,
+                    help="seed of the shuffle that picks the held-out prompts")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=32)

@@ -36,12 +36,14 @@ from fly_vllm.config.request import REQUEST_KEYS, request_overrides
 from fly_vllm.config.schema import (
     ADDITIONAL_CONFIG_KEY,
     DEFAULT_FLEX_MAX_BATCH,
+    DEFAULT_MARGIN,
     DEFAULT_FSD_THRESHOLD,
     DEFAULT_WINDOW,
     FLY_METHOD,
     FSD_DIVERGENCES,
     FSD_MAX_THRESHOLD,
     FSD_VARIANTS,
+    GATES,
     MAX_ENTROPY_TOP_K,
     NO_DISTRIBUTION_DRAFTERS,
     RULES,
@@ -51,9 +53,9 @@ from fly_vllm.config.schema import (
 )
 
 __all__ = [
-    "ADDITIONAL_CONFIG_KEY", "DEFAULT_FLEX_MAX_BATCH", "DEFAULT_FSD_THRESHOLD",
+    "ADDITIONAL_CONFIG_KEY", "DEFAULT_FLEX_MAX_BATCH", "DEFAULT_MARGIN", "DEFAULT_FSD_THRESHOLD",
     "DEFAULT_WINDOW", "FLY_METHOD", "FSD_DIVERGENCES", "FSD_MAX_THRESHOLD", "FSD_VARIANTS",
-    "MAX_ENTROPY_TOP_K", "NO_DISTRIBUTION_DRAFTERS", "REQUEST_KEYS", "RULES",
+    "GATES", "MAX_ENTROPY_TOP_K", "NO_DISTRIBUTION_DRAFTERS", "REQUEST_KEYS", "RULES",
     "WINDOW_CONVENTIONS", "FlyConfig", "FlyConfigError", "check_speculative_config",
     "flex_schedule", "is_fly", "load_speculative_config", "max_topk_entropy",
     "parse_fly_config", "request_overrides",
