@@ -56,8 +56,10 @@ def main(argv=None) -> int:
     res, base, other = _runs(args.run_dir, args.mode, args.concurrency)
     settings = res["settings"]
     items = {}
+    skipped = settings.get("skipped") or {}
     for name, n in settings["items"].items():
-        items.update({it.id: it for it in ds.load(name, n, settings.get("data"))})
+        skip = skipped.get(name, skipped.get("*", 0))
+        items.update({it.id: it for it in ds.load(name, n, settings.get("data"), skip)})
     todo = []
     for rid, b in base.items():
         o = other.get(rid)

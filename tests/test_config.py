@@ -68,6 +68,16 @@ def test_paper_convention_checks_w_minus_one():
         ({"method": "fly", "model": "d"}, ["num_speculative_tokens"]),
         ({**BASE, "num_speculative_tokens": 1}, ["num_speculative_tokens", ">= 2"]),
         ({**BASE, "rejection_sample_method": "synthetic"}, ["rejection_sample_method"]),
+        ({**BASE, "fly": {"gate": "cosine"}}, ["fly.gate", "'entropy', 'margin', 'both'"]),
+        ({**BASE, "fly": {"margin": 0.3}}, ["fly.margin", "gate 'entropy' does not use"]),
+        ({**BASE, "fly": {"gate": "margin", "entropy_threshold": 0.3}},
+         ["fly.entropy_threshold", "gate 'margin' does not use"]),
+        ({**BASE, "fly": {"gate": "margin", "entropy_top_k": 2}}, ["fly.entropy_top_k"]),
+        ({**BASE, "fly": {"gate": "margin", "margin": -0.1}}, ["fly.margin", ">= 0"]),
+        ({**BASE, "fly": {"gate": "both", "margin": float("inf")}}, ["fly.margin", "finite"]),
+        ({**BASE, "fly": {"strict_prefix_tokens": -1}}, ["fly.strict_prefix_tokens", ">= 0"]),
+        ({**BASE, "fly": {"strict_prefix_tokens": 2.5}}, ["fly.strict_prefix_tokens"]),
+        ({**BASE, "fly": {"rule": "fsd", "gate": "margin"}}, ["fly.gate", "rule 'fly' only"]),
     ],
 )
 def test_bad_configs_name_the_key(spec, words):
@@ -122,6 +132,54 @@ def test_check_config_cli(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and "fly.window must be smaller" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_margin_gate_and_strict_prefix_config(tmp_path):
+    _, fly = parse_fly_config(BASE)
+    assert (fly.gate, fly.strict_prefix_tokens) == ("entropy", 0)
+    _, fly = parse_fly_config({**BASE, "fly": {"gate": "margin", "margin": 0.7,
+                                               "strict_prefix_tokens": 32}})
+    assert (fly.gate, fly.margin, fly.strict_prefix_tokens) == ("margin", 0.7, 32)
+    shown = fly.rule_settings()
+    assert "entropy_threshold" not in shown and shown["margin"] == 0.7
+    assert "margin" not in parse_fly_config(BASE)[1].rule_settings()
+    both = parse_fly_config({**BASE, "fly": {"gate": "both"}})[1].rule_settings()
+    assert (both["entropy_threshold"], both["margin"]) == (0.3, 0.3)  # the defaults
+    # FSD takes a strict prefix too.
+    _, fsd = parse_fly_config({**BASE, "fly": {"rule": "fsd", "strict_prefix_tokens": 8}})
+    assert fsd.strict_prefix_tokens == 8 and "gate" not in fsd.rule_settings()
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps({**BASE, "fly": {"gate": "margin", "margin": 0.2}}))
+    r = subprocess.run([sys.executable, "-m", "fly_vllm.cli", "check-config", str(f)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and '"gate": "margin", "margin": 0.2' in r.stdout
+    assert "entropy" not in r.stdout
+
+
+def test_margin_and_prefix_request_overrides():
+    from fly_vllm.config import request_overrides
+
+    _, entropy = parse_fly_config(BASE)
+    _, margin = parse_fly_config({**BASE, "fly": {"gate": "margin"}})
+    assert request_overrides({"fly_gate": "margin", "fly_margin": "0.5",
+                              "fly_strict_prefix_tokens": "16"}, 8, 3, entropy) == {
+        "gate": "margin", "margin": 0.5, "strict_prefix_tokens": 16}
+    assert request_overrides({"fly_margin": 0.1}, 8, 3, margin) == {"margin": 0.1}
+    for bad, server, words in [
+            ({"fly_margin": 0.1}, entropy, "gate 'entropy' does not use"),
+            ({"fly_entropy_threshold": 0.5}, margin, "gate 'margin' does not use"),
+            ({"fly_gate": "margin", "fly_entropy_threshold": 0.5}, entropy, "does not use"),
+            ({"fly_gate": "x"}, entropy, "gate must be one of"),
+            ({"fly_margin": "wide"}, margin, "margin must be a finite number"),
+            ({"fly_strict_prefix_tokens": "-3"}, entropy, "strict_prefix_tokens"),
+            ({"fly_strict_prefix_tokens": True}, entropy, "strict_prefix_tokens")]:
+        with pytest.raises(FlyConfigError, match=words):
+            request_overrides(bad, 8, 3, server)
+    _, fsd = parse_fly_config({**BASE, "fly": {"rule": "fsd"}})
+    assert request_overrides({"fly_strict_prefix_tokens": 4}, 8, 3, fsd) == {
+        "strict_prefix_tokens": 4}
+    with pytest.raises(FlyConfigError, match="unknown per-request fly key 'margin'"):
+        request_overrides({"fly_margin": 0.1}, 8, 3, fsd)
 
 
 def test_guard_flags():

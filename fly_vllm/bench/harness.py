@@ -220,6 +220,8 @@ def score_run(run: dict, items: dict[str, ds.Item], target: dict | None,
             "tok_s": sum(ntok) / wall if wall else float("nan"),
             "tok_s_q": _quantiles(tok_s), "tpot_ms_q": _quantiles(tpot),
             **acceptance(counters),
+            "spec_steps": drafts,
+            "accepted_tokens": counters.get("vllm:spec_decode_num_accepted_tokens", 0),
             "acceptance_per_position": [a / drafts for a in per_pos] if drafts else [],
             "output_tokens_mean": sum(ntok) / len(ntok) if ntok else float("nan"),
             "capped": (sum(_capped(r, max_tokens) for r in res) / len(res)

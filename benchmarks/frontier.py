@@ -1,0 +1,306 @@
+"""The quality/acceptance frontier of loose verification, from harness runs.
+
+    python benchmarks/frontier.py --screen DIR --eval DIR [--speed DIR] --out DIR
+
+DIRs are run_bench.py output folders (``results.json`` in each): the screen
+on calibration items, the evaluation on other, disjoint items, and the speed
+runs (one request at a time). Per loose point and set it gives the mean
+accepted length and its ratio to strict speculative decoding at the same K,
+final-answer agreement with the target (GSM8K; exact 95% interval),
+retention on GSM8K and HumanEval (paired bootstrap interval, McNemar flips),
+the output-length ratio, cap-outs and where outputs first part from the
+target's. It writes ``summary.json``, ``frontier.png`` (agreement against
+the gain over strict, one curve per gate) and ``tables.md``.
+
+``best`` in summary.json is the evaluated loose point with the largest gain
+over strict whose agreement is at least --agreement (0.97); if none reaches
+it, the evaluated loose point with the highest agreement, marked
+``"meets_agreement": false``. Nothing is chosen on evaluation items: which
+points were evaluated was decided on the screen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def settings_of(spec: dict | None) -> dict | None:
+    """The point's settings from its speculative config (None: no-spec)."""
+    if spec is None:
+        return None
+    fly = dict(spec.get("fly", {}))
+    out = {"K": spec["num_speculative_tokens"]}
+    if fly.get("strict"):
+        return {**out, "strict": True}
+    gate = fly.get("gate", "entropy")
+    out["gate"] = gate
+    if gate in ("entropy", "both"):
+        out["entropy_threshold"] = fly.get("entropy_threshold", 0.3)
+    if gate in ("margin", "both"):
+        out["margin"] = fly.get("margin", 0.3)
+    out["window"] = fly.get("window", min(6, out["K"] - 1))
+    out["strict_prefix_tokens"] = fly.get("strict_prefix_tokens", 0)
+    if fly.get("multilevel"):
+        out["multilevel"] = True
+    return out
+
+
+def _pooled_length(rows: list[dict]) -> float | None:
+    steps = sum(r["metrics"].get("spec_steps", 0) for r in rows)
+    acc = sum(r["metrics"].get("accepted_tokens", 0) for r in rows)
+    return 1 + acc / steps if steps else None
+
+
+def points_of(run_dir: Path, set_name: str) -> tuple[list[dict], dict]:
+    """One entry per mode of a run folder, with its metrics per dataset."""
+    res = json.loads((run_dir / "results.json").read_text())
+    by_mode: dict[str, list[dict]] = {}
+    for r in res["table"]:
+        if r["temperature"] == 0:
+            by_mode.setdefault(r["mode"], []).append(r)
+    points = []
+    for mode, rows in by_mode.items():
+        ds = {r["dataset"]: r["metrics"] for r in rows}
+        points.append({"name": mode, "set": set_name, "settings": settings_of(rows[0]["spec"]),
+                       "datasets": ds, "mean_accepted_length": _pooled_length(rows)})
+    return points, res
+
+
+def _strict_at(points: list[dict], k: int) -> dict | None:
+    return next((p for p in points if p["settings"] and p["settings"].get("strict")
+                 and p["settings"]["K"] == k), None)
+
+
+def describe(p: dict) -> dict:
+    """The figures of one point for summary.json and the tables."""
+    g = p["datasets"].get("gsm8k", {})
+    he = p["datasets"].get("humaneval", {})
+    out = {"name": p["name"], "set": p["set"], "settings": p["settings"],
+           "mean_accepted_length": p["mean_accepted_length"],
+           "mean_accepted_length_by_dataset": {
+               d: m.get("mean_accepted_length") for d, m in p["datasets"].items()},
+           "gain_over_strict": p.get("gain_over_strict")}
+    if "answer_agreement" in g:
+        lo, hi = g["answer_agreement_exact_ci"]
+        out.update(agreement=g["answer_agreement"], agreement_lower95=lo,
+                   agreement_upper95=hi, agreement_k=g["answer_agreement_k"],
+                   agreement_n=g["n"])
+    out["retention"] = {d: m["retention"] for d, m in (("gsm8k", g), ("humaneval", he))
+                        if "retention" in m}
+    out["retention_ci"] = {d: m["retention_ci"] for d, m in (("gsm8k", g), ("humaneval", he))
+                           if "retention_ci" in m}
+    out["flips"] = {d: m["paired"] for d, m in (("gsm8k", g), ("humaneval", he))
+                    if "paired" in m}
+    out["output_length_ratio"] = g.get("output_length_ratio")
+    out["output_length_ratio_by_dataset"] = {
+        d: m.get("output_length_ratio") for d, m in p["datasets"].items()}
+    out["capped"] = {d: m.get("capped") for d, m in p["datasets"].items()}
+    out["identical"] = {d: m.get("identical") for d, m in p["datasets"].items()}
+    out["first_parting_median"] = {
+        d: (m["first_parting_q"][1] if m.get("parted") else None)
+        for d, m in p["datasets"].items()}
+    out["loose_rate"] = {d: m.get("loose_rate") for d, m in p["datasets"].items()}
+    return out
+
+
+def add_gains(points: list[dict]) -> None:
+    for p in points:
+        s = p["settings"]
+        if not s:
+            continue
+        strict = _strict_at(points, s["K"])
+        if strict and strict["mean_accepted_length"] and p["mean_accepted_length"]:
+            p["gain_over_strict"] = p["mean_accepted_length"] / strict["mean_accepted_length"]
+
+
+def speed_ratios(speed_dir: Path | None) -> dict[str, dict]:
+    """tok/s at one request at a time per mode, against strict at the same K
+    and the target alone, from a speed run folder (pooled over datasets:
+    output tokens over wall time)."""
+    if speed_dir is None:
+        return {}
+    res = json.loads((speed_dir / "results.json").read_text())
+    tok: dict[tuple[str, int], list[float]] = {}
+    for r in res["table"]:
+        m = r["metrics"]
+        key = (r["mode"], r.get("concurrency", 1))
+        t = tok.setdefault(key, [0.0, 0.0])
+        t[0] += m["tokens"]
+        t[1] += m["time_s"]
+    rate = {k: v[0] / v[1] for k, v in tok.items() if v[1]}
+    specs = {r["mode"]: settings_of(r["spec"]) for r in res["table"]}
+    out: dict[str, dict] = {}
+    for (mode, conc), r in rate.items():
+        s = specs[mode]
+        strict = next((m for m, x in specs.items() if x and x.get("strict")
+                       and s and x["K"] == s["K"]), None)
+        entry = out.setdefault(mode, {})
+        entry[f"tok_s_at_{conc}"] = r
+        if (strict, conc) in rate:
+            entry[f"tok_s_vs_strict_at_{conc}"] = r / rate[(strict, conc)]
+        if ("no-spec", conc) in rate:
+            entry[f"tok_s_vs_target_at_{conc}"] = r / rate[("no-spec", conc)]
+    return out
+
+
+def pick_best(evaluated: list[dict], agreement: float) -> dict | None:
+    loose = [p for p in evaluated if p["settings"] and not p["settings"].get("strict")
+             and p.get("agreement") is not None]
+    ok = [p for p in loose if p["agreement"] >= agreement and p.get("gain_over_strict")]
+    if ok:
+        return {**max(ok, key=lambda p: p["gain_over_strict"]), "meets_agreement": True}
+    if loose:
+        return {**max(loose, key=lambda p: (p["agreement"], p.get("gain_over_strict") or 0)),
+                "meets_agreement": False}
+    return None
+
+
+def plot(path: Path, sets: dict[str, list[dict]], required: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sets), squeeze=False, figsize=(6.2 * len(sets), 4.8))
+    colors = {"entropy": "tab:orange", "margin": "tab:blue", "both": "tab:green"}
+    marks = {4: "o", 8: "s", 15: "^"}
+    for ax, (name, pts) in zip(axes[0], sets.items()):
+        for gate, color in colors.items():
+            mine = sorted([p for p in pts if p["settings"] and p["settings"].get("gate") == gate
+                           and p.get("gain_over_strict") and p.get("agreement") is not None],
+                          key=lambda p: p["gain_over_strict"])
+            for p in mine:
+                x, y = p["gain_over_strict"], p["agreement"]
+                ax.errorbar([x], [y], yerr=[[y - p["agreement_lower95"]],
+                                            [p["agreement_upper95"] - y]],
+                            fmt=marks.get(p["settings"]["K"], "D"), color=color, ms=5,
+                            capsize=2, alpha=0.8, mfc="white" if p["settings"].get(
+                                "strict_prefix_tokens") else color)
+            if mine:
+                ax.plot([p["gain_over_strict"] for p in mine], [p["agreement"] for p in mine],
+                        color=color, lw=0.8, alpha=0.6, label=f"{gate} gate")
+        for p in pts:
+            if p["settings"] and p["settings"].get("strict") and p.get("agreement") is not None:
+                ax.plot([1.0], [p["agreement"]], "k*", ms=11)
+                ax.annotate(f"strict K{p['settings']['K']}", (1.0, p["agreement"]),
+                            xytext=(4, -10), textcoords="offset points", fontsize=7)
+        ax.axhline(required, ls="--", color="tab:red", lw=1, label=f"required {required:g}")
+        ax.axvline(1.10, ls=":", color="grey", lw=1, label="1.10x strict")
+        n = next((p.get("agreement_n") for p in pts if p.get("agreement_n")), "?")
+        ax.set(title=f"{name} ({n} GSM8K items)", xlabel="mean accepted length / strict's "
+               "(same K)", ylabel="final-answer agreement with the target")
+        ax.legend(fontsize=7, loc="lower left")
+    fig.text(0.5, 0.005, "markers: o K4, s K8, ^ K15; hollow: with a strict prefix; bars: "
+             "exact 95% interval; star: strict SD", ha="center", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _f(x, fmt="{:.2f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def table(points: list[dict]) -> list[str]:
+    lines = ["| point | set | mean acc. len | vs strict | GSM8K agreement [exact 95%] | "
+             "retention GSM8K [95%] (flips) | retention HumanEval [95%] (flips) | "
+             "length ratio GSM8K / HE | capped GSM8K | identical GSM8K / HE | "
+             "first parting (median) |", "|" + "---|" * 11]
+    for p in points:
+        r, ci, fl = p["retention"], p["retention_ci"], p["flips"]
+
+        def ret(d):
+            if d not in r:
+                return "–"
+            f = fl.get(d, {})
+            return (f"{r[d]:.3f} [{ci[d][0]:.2f}, {ci[d][1]:.2f}] "
+                    f"({f.get('right_to_wrong', '?')}/{f.get('wrong_to_right', '?')})")
+
+        agree = "–"
+        if p.get("agreement") is not None:
+            agree = (f"{p['agreement_k']}/{p['agreement_n']} = {p['agreement']:.3f} "
+                     f"[{p['agreement_lower95']:.3f}, {p['agreement_upper95']:.3f}]")
+        lr = p["output_length_ratio_by_dataset"]
+        ident = p["identical"]
+        fp = p["first_parting_median"]
+        lines.append(
+            f"| {p['name']} | {p['set']} | {_f(p['mean_accepted_length'])} | "
+            f"{_f(p.get('gain_over_strict'), '{:.3f}x')} | {agree} | {ret('gsm8k')} | "
+            f"{ret('humaneval')} | {_f(lr.get('gsm8k'))} / {_f(lr.get('humaneval'))} | "
+            f"{_f(p['capped'].get('gsm8k'), '{:.1%}')} | "
+            f"{_f(ident.get('gsm8k'), '{:.0%}')} / {_f(ident.get('humaneval'), '{:.0%}')} | "
+            f"{_f(fp.get('gsm8k'), '{:.0f}')} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--screen", type=Path, required=True)
+    ap.add_argument("--eval", type=Path, default=None)
+    ap.add_argument("--speed", type=Path, default=None)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--agreement", type=float, default=0.97)
+    ap.add_argument("--pair", default="Qwen2.5-Coder-1.5B-Instruct target, "
+                    "Qwen2.5-Coder-0.5B-Instruct drafter")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    sets = {}
+    screen, screen_res = points_of(args.screen, "calibration")
+    add_gains(screen)
+    sets["calibration"] = [describe(p) for p in screen]
+    eval_res = None
+    if args.eval:
+        ev, eval_res = points_of(args.eval, "evaluation")
+        add_gains(ev)
+        sets["evaluation"] = [describe(p) for p in ev]
+    speeds = speed_ratios(args.speed)
+    for pts in sets.values():
+        for p in pts:
+            p.update({k: v for k, v in speeds.get(p["name"], {}).items()
+                      if p["set"] == "evaluation"})
+    evaluated = sets.get("evaluation", [])
+    best = pick_best(evaluated, args.agreement)
+    items = lambda res: res["settings"]["items"] if res else {}  # noqa: E731
+    strict_rows = [p for p in evaluated or sets["calibration"]
+                   if p["settings"] and p["settings"].get("strict")]
+    summary = {
+        "pair": args.pair,
+        "calibration_items": items(screen_res).get("gsm8k"),
+        "calibration_skipped": screen_res["settings"].get("skipped"),
+        "eval_items": items(eval_res),
+        "eval_skipped": eval_res["settings"].get("skipped") if eval_res else None,
+        "required_agreement": args.agreement,
+        "strict": [{"K": p["settings"]["K"],
+                    "mean_accepted_length": p["mean_accepted_length"],
+                    "agreement": p.get("agreement"), "set": p["set"],
+                    **{k: v for k, v in p.items() if k.startswith("tok_s")}}
+                   for p in strict_rows],
+        "target": next(({"set": p["set"], **{k: v for k, v in p.items()
+                                             if k.startswith("tok_s")}}
+                        for p in evaluated if p["settings"] is None), None),
+        "best": best,
+        "points": [p for pts in sets.values() for p in pts if p["settings"] is not None],
+        "sources": {"screen": str(args.screen), "eval": str(args.eval) if args.eval else None,
+                    "speed": str(args.speed) if args.speed else None},
+        "environment": (eval_res or screen_res)["environment"],
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot(args.out / "frontier.png", sets, args.agreement)
+    lines = []
+    for name, pts in sets.items():
+        lines += [f"## {name}", ""] + table(
+            [p for p in pts if p["settings"] is not None]) + [""]
+    (args.out / "tables.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    if best:
+        print(f"[frontier] best: {best['name']} (meets {args.agreement}: "
+              f"{best['meets_agreement']})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
