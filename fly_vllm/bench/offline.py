@@ -107,6 +107,17 @@ class Progress:
         pass
 
 
+def _request_stats(outs) -> list:
+    """Per-request FLy totals (steps, native and loose accepts), or None for
+    each output where the engine keeps none (no FLy config)."""
+    try:
+        from fly_vllm import request_stats
+
+        return request_stats(outs)
+    except Exception:  # the totals are a report, never a reason to fail a run
+        return [None] * len(outs)
+
+
 def _worker(job: dict) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -142,10 +153,12 @@ def _worker(job: dict) -> dict:
                             use_tqdm=functools.partial(Progress, label=g) if progress
                             else False)
             dt = time.perf_counter() - t0
-            for r, o in zip(chunk, outs):
+            stats = _request_stats(outs)
+            for r, o, st in zip(chunk, outs, stats):
                 results.append({"id": r.get("id"), "group": g, "text": o.outputs[0].text,
                                 "token_ids": list(o.outputs[0].token_ids),
                                 "finish_reason": o.outputs[0].finish_reason,
+                                "fly_stats": st,
                                 "latency": dt if conc == 1 else None})
             if job.get("progress") and conc == 1:
                 done = sum(1 for x in results if x["group"] == g)
