@@ -49,8 +49,12 @@ def settings_of(spec: dict | None) -> dict | None:
 
 
 def _pooled_length(rows: list[dict]) -> float | None:
-    steps = sum(r["metrics"].get("spec_steps", 0) for r in rows)
-    acc = sum(r["metrics"].get("accepted_tokens", 0) for r in rows)
+    """Mean accepted length over every dataset of a mode: 1 + accepted /
+    verification steps, summed (one dataset: its own figure)."""
+    if len(rows) == 1 or any("spec_steps" not in r["metrics"] for r in rows):
+        return rows[0]["metrics"].get("mean_accepted_length") if len(rows) == 1 else None
+    steps = sum(r["metrics"]["spec_steps"] for r in rows)
+    acc = sum(r["metrics"]["accepted_tokens"] for r in rows)
     return 1 + acc / steps if steps else None
 
 
@@ -116,34 +120,48 @@ def add_gains(points: list[dict]) -> None:
             p["gain_over_strict"] = p["mean_accepted_length"] / strict["mean_accepted_length"]
 
 
-def speed_ratios(speed_dir: Path | None) -> dict[str, dict]:
-    """tok/s at one request at a time per mode, against strict at the same K
-    and the target alone, from a speed run folder (pooled over datasets:
-    output tokens over wall time)."""
-    if speed_dir is None:
-        return {}
-    res = json.loads((speed_dir / "results.json").read_text())
+def _round_rates(res: dict) -> tuple[dict, dict]:
+    """Output tokens over wall time per (mode, at once), pooled over datasets,
+    and each mode's settings, from one run's results.json."""
     tok: dict[tuple[str, int], list[float]] = {}
     for r in res["table"]:
         m = r["metrics"]
-        key = (r["mode"], r.get("concurrency", 1))
-        t = tok.setdefault(key, [0.0, 0.0])
+        t = tok.setdefault((r["mode"], r.get("concurrency", 1)), [0.0, 0.0])
         t[0] += m["tokens"]
         t[1] += m["time_s"]
-    rate = {k: v[0] / v[1] for k, v in tok.items() if v[1]}
     specs = {r["mode"]: settings_of(r["spec"]) for r in res["table"]}
-    out: dict[str, dict] = {}
-    for (mode, conc), r in rate.items():
-        s = specs[mode]
-        strict = next((m for m, x in specs.items() if x and x.get("strict")
-                       and s and x["K"] == s["K"]), None)
-        entry = out.setdefault(mode, {})
-        entry[f"tok_s_at_{conc}"] = r
-        if (strict, conc) in rate:
-            entry[f"tok_s_vs_strict_at_{conc}"] = r / rate[(strict, conc)]
-        if ("no-spec", conc) in rate:
-            entry[f"tok_s_vs_target_at_{conc}"] = r / rate[("no-spec", conc)]
-    return out
+    return {k: v[0] / v[1] for k, v in tok.items() if v[1]}, specs
+
+
+def speed_ratios(speed_dir: Path | None) -> dict[str, dict]:
+    """tok/s per mode against strict at the same K and the target alone, at
+    each number at once. ``speed_dir`` holds one results.json, or rounds
+    (round-*/results.json, run one after another so that modes interleave):
+    then each ratio is the median over rounds, with every round's value."""
+    if speed_dir is None:
+        return {}
+    files = ([speed_dir / "results.json"] if (speed_dir / "results.json").exists()
+             else sorted(speed_dir.glob("round-*/results.json")))
+    per: dict[str, dict[str, list[float]]] = {}
+    for f in files:
+        rate, specs = _round_rates(json.loads(f.read_text()))
+        for (mode, conc), r in rate.items():
+            s = specs[mode]
+            strict = next((m for m, x in specs.items() if x and x.get("strict")
+                           and s and x["K"] == s["K"]), None)
+            entry = per.setdefault(mode, {})
+            entry.setdefault(f"tok_s_at_{conc}", []).append(r)
+            if (strict, conc) in rate:
+                entry.setdefault(f"tok_s_vs_strict_at_{conc}", []).append(
+                    r / rate[(strict, conc)])
+            if ("no-spec", conc) in rate:
+                entry.setdefault(f"tok_s_vs_target_at_{conc}", []).append(
+                    r / rate[("no-spec", conc)])
+    import statistics
+
+    return {mode: {**{k: statistics.median(v) for k, v in e.items()},
+                   **{k + "_rounds": v for k, v in e.items()}}
+            for mode, e in per.items()}
 
 
 def pick_best(evaluated: list[dict], agreement: float) -> dict | None:
@@ -198,6 +216,72 @@ def plot(path: Path, sets: dict[str, list[dict]], required: float) -> None:
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+BUCKETS = ((0, 32), (32, 128), (128, 10 ** 9))
+
+
+def divergence_profile(run_dir: Path) -> dict[str, dict]:
+    """Per mode (GSM8K, against the target's own outputs in the same folder):
+    the share of outputs that part from the target's, the share of those
+    whose final answer changes, both by where the output first parts
+    (token buckets), and the loose accepts per output. The final-answer
+    agreement is about 1 - P(part) x P(answer changes | part)."""
+    from fly_vllm.bench.scoring import first_difference, gsm8k_extract
+
+    raws = [json.loads(p.read_text()) for p in sorted((run_dir / "raw").glob("*.json"))]
+    by = {r["mode"]: {x["id"]: x for x in r["run"]["results"] if x["group"] == "gsm8k"}
+          for r in raws if r["temperature"] == 0}
+    base = by.get("no-spec")
+    if not base:
+        return {}
+    out = {}
+    for mode, res in by.items():
+        if mode == "no-spec":
+            continue
+        rows = []
+        for rid, r in res.items():
+            t = base.get(rid)
+            if t is None:
+                continue
+            a, b = t["token_ids"], r["token_ids"]
+            first = None if a == b else first_difference(a, b)
+            if a != b and first is None:
+                first = min(len(a), len(b))
+            changed = gsm8k_extract(r["text"]) != gsm8k_extract(t["text"])
+            loose = (r.get("fly_stats") or {}).get("loose_accepted_tokens")
+            rows.append((first, changed, loose))
+        parted = [x for x in rows if x[0] is not None]
+        entry = {"n": len(rows), "parted": len(parted),
+                 "answer_changed": sum(x[1] for x in rows),
+                 "changed_given_parted": (sum(x[1] for x in parted) / len(parted)
+                                          if parted else None), "by_first_parting": []}
+        for lo, hi in BUCKETS:
+            inb = [x for x in parted if lo <= x[0] < hi]
+            entry["by_first_parting"].append(
+                {"from": lo, "to": hi if hi < 10 ** 9 else None, "parted": len(inb),
+                 "answer_changed": sum(x[1] for x in inb)})
+        loose = [x[2] for x in rows if x[2] is not None]
+        if loose:
+            entry["loose_accepts_per_output"] = sum(loose) / len(loose)
+            entry["outputs_with_loose_accepts"] = sum(1 for x in loose if x > 0)
+        out[mode] = entry
+    return out
+
+
+def profile_table(profiles: dict[str, dict], set_name: str) -> list[str]:
+    lines = [f"Where outputs part from the target's ({set_name}, GSM8K): parted = outputs "
+             "not identical to the target's; changed = final answer differs; by the "
+             "token where the output first parts.", "",
+             "| point | loose accepts / output | parted | changed | changed if parted | "
+             "parted at 0-31 (changed) | 32-127 | 128+ |", "|---|---|---|---|---|---|---|---|"]
+    for mode, e in profiles.items():
+        b = e["by_first_parting"]
+        lines.append(
+            f"| {mode} | {_f(e.get('loose_accepts_per_output'))} | {e['parted']}/{e['n']} | "
+            f"{e['answer_changed']} | {_f(e['changed_given_parted'], '{:.0%}')} | "
+            + " | ".join(f"{x['parted']} ({x['answer_changed']})" for x in b) + " |")
+    return lines + [""]
 
 
 def _f(x, fmt="{:.2f}") -> str:
@@ -263,6 +347,9 @@ def main(argv=None) -> int:
             p.update({k: v for k, v in speeds.get(p["name"], {}).items()
                       if p["set"] == "evaluation"})
     evaluated = sets.get("evaluation", [])
+    raw_sets = {"calibration": screen, **({"evaluation": ev} if args.eval else {})}
+    by_name = {name: next((p["datasets"] for p in pts if p["settings"] is None), {})
+               for name, pts in raw_sets.items()}
     best = pick_best(evaluated, args.agreement)
     items = lambda res: res["settings"]["items"] if res else {}  # noqa: E731
     strict_rows = [p for p in evaluated or sets["calibration"]
@@ -279,21 +366,28 @@ def main(argv=None) -> int:
                     "agreement": p.get("agreement"), "set": p["set"],
                     **{k: v for k, v in p.items() if k.startswith("tok_s")}}
                    for p in strict_rows],
-        "target": next(({"set": p["set"], **{k: v for k, v in p.items()
-                                             if k.startswith("tok_s")}}
-                        for p in evaluated if p["settings"] is None), None),
+        "target": [{"set": p["set"], "capped": p["capped"],
+                    "accuracy": {d: m.get("accuracy") for d, m in by_name[p["set"]].items()},
+                    **{k: v for k, v in p.items() if k.startswith("tok_s")}}
+                   for pts in sets.values() for p in pts if p["settings"] is None],
         "best": best,
         "points": [p for pts in sets.values() for p in pts if p["settings"] is not None],
         "sources": {"screen": str(args.screen), "eval": str(args.eval) if args.eval else None,
                     "speed": str(args.speed) if args.speed else None},
         "environment": (eval_res or screen_res)["environment"],
     }
+    profiles = {"calibration": divergence_profile(args.screen)}
+    if args.eval:
+        profiles["evaluation"] = divergence_profile(args.eval)
+    summary["divergence_profile"] = profiles
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(args.out / "frontier.png", sets, args.agreement)
     lines = []
     for name, pts in sets.items():
         lines += [f"## {name}", ""] + table(
             [p for p in pts if p["settings"] is not None]) + [""]
+    for name, prof in profiles.items():
+        lines += profile_table(prof, name)
     (args.out / "tables.md").write_text("\n".join(lines))
     print("\n".join(lines))
     if best:
