@@ -164,6 +164,19 @@ def speed_ratios(speed_dir: Path | None) -> dict[str, dict]:
             for mode, e in per.items()}
 
 
+def pareto(points: list[dict]) -> list[dict]:
+    """Loose points that no other loose point beats on both agreement and
+    gain over strict (ties kept), best agreement first: the screen's
+    candidates for evaluation."""
+    loose = [p for p in points if p["settings"] and not p["settings"].get("strict")
+             and p.get("agreement") is not None and p.get("gain_over_strict")]
+    front = [p for p in loose if not any(
+        q["agreement"] >= p["agreement"] and q["gain_over_strict"] >= p["gain_over_strict"]
+        and (q["agreement"], q["gain_over_strict"]) != (p["agreement"], p["gain_over_strict"])
+        for q in loose)]
+    return sorted(front, key=lambda p: (-p["agreement"], -p["gain_over_strict"]))
+
+
 def pick_best(evaluated: list[dict], agreement: float) -> dict | None:
     loose = [p for p in evaluated if p["settings"] and not p["settings"].get("strict")
              and p.get("agreement") is not None]
@@ -210,7 +223,7 @@ def plot(path: Path, sets: dict[str, list[dict]], required: float) -> None:
         n = next((p.get("agreement_n") for p in pts if p.get("agreement_n")), "?")
         ax.set(title=f"{name} ({n} GSM8K items)", xlabel="mean accepted length / strict's "
                "(same K)", ylabel="final-answer agreement with the target")
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="best")
     fig.text(0.5, 0.005, "markers: o K4, s K8, ^ K15; hollow: with a strict prefix; bars: "
              "exact 95% interval; star: strict SD", ha="center", fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
@@ -371,6 +384,7 @@ def main(argv=None) -> int:
                     **{k: v for k, v in p.items() if k.startswith("tok_s")}}
                    for pts in sets.values() for p in pts if p["settings"] is None],
         "best": best,
+        "screen_pareto": [p["name"] for p in pareto(sets["calibration"])],
         "points": [p for pts in sets.values() for p in pts if p["settings"] is not None],
         "sources": {"screen": str(args.screen), "eval": str(args.eval) if args.eval else None,
                     "speed": str(args.speed) if args.speed else None},

@@ -1,0 +1,72 @@
+"""benchmarks/frontier.py: settings from configs, gains over strict at the
+same K, the screen's Pareto front, the choice of the best evaluated point,
+and speed ratios over interleaved rounds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from tests.conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("frontier", ROOT / "benchmarks" / "frontier.py")
+frontier = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(frontier)
+
+
+def point(name, K, agreement, length, **fly):
+    return {"name": name, "set": "evaluation", "agreement": agreement,
+            "mean_accepted_length": length,
+            "settings": frontier.settings_of({"num_speculative_tokens": K, "fly": fly})}
+
+
+def test_settings_of_configs():
+    assert frontier.settings_of(None) is None
+    assert frontier.settings_of({"num_speculative_tokens": 8, "fly": {"strict": True}}) == {
+        "K": 8, "strict": True}
+    s = frontier.settings_of({"num_speculative_tokens": 8,
+                              "fly": {"gate": "margin", "margin": 0.3, "window": 6}})
+    assert s == {"K": 8, "gate": "margin", "margin": 0.3, "window": 6,
+                 "strict_prefix_tokens": 0}
+    s = frontier.settings_of({"num_speculative_tokens": 4, "fly": {}})
+    assert (s["gate"], s["entropy_threshold"], s["window"]) == ("entropy", 0.3, 3)
+
+
+def test_gains_pareto_and_best():
+    pts = [point("strict K4", 4, 1.0, 4.0, strict=True),
+           point("strict K8", 8, 0.99, 5.0, strict=True),
+           point("a", 4, 0.98, 4.2, gate="margin", margin=0.1, window=2),
+           point("b", 4, 0.90, 4.6, gate="margin", margin=0.7, window=2),
+           point("c", 8, 0.97, 6.0, gate="margin", margin=0.3, window=6),
+           point("d", 4, 0.85, 4.4, entropy_threshold=0.3, window=2)]
+    frontier.add_gains(pts)
+    gains = {p["name"]: p.get("gain_over_strict") for p in pts}
+    assert gains["a"] == pytest.approx(1.05) and gains["c"] == pytest.approx(1.2)
+    assert gains["strict K8"] == pytest.approx(1.0)
+    # b and d are beaten by c (more agreement and more gain); a and c are not.
+    assert [p["name"] for p in frontier.pareto(pts)] == ["a", "c"]
+    assert [p["name"] for p in frontier.pareto(pts[:4])] == ["a", "b"]
+    best = frontier.pick_best(pts, 0.97)
+    assert best["name"] == "c" and best["meets_agreement"]
+    best = frontier.pick_best(pts, 0.99)
+    assert best["name"] == "a" and best["meets_agreement"] is False
+
+
+def test_speed_ratios_take_the_median_over_rounds(tmp_path):
+    def rnd(i, rates):
+        table = [{"mode": m, "concurrency": 1, "metrics": {"tokens": 100 * r, "time_s": 100},
+                  "spec": spec_} for m, (r, spec_) in rates.items()]
+        d = tmp_path / f"round-{i}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({"table": table}))
+
+    strict = {"num_speculative_tokens": 8, "fly": {"strict": True}}
+    loose = {"num_speculative_tokens": 8, "fly": {"gate": "margin", "margin": 0.3}}
+    for i, (t, s, x) in enumerate([(10, 20, 22), (10, 20, 26), (10, 20, 21)], 1):
+        rnd(i, {"no-spec": (t, None), "strict K8": (s, strict), "m": (x, loose)})
+    r = frontier.speed_ratios(tmp_path)
+    assert r["m"]["tok_s_vs_strict_at_1"] == pytest.approx(1.1)
+    assert r["m"]["tok_s_vs_strict_at_1_rounds"] == pytest.approx([1.1, 1.3, 1.05])
+    assert r["strict K8"]["tok_s_vs_target_at_1"] == pytest.approx(2.0)
