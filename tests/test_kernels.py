@@ -115,7 +115,8 @@ def test_random_rows_equal_reference():
 
 def test_bf16_and_fp16_logits():
     for dtype in (torch.bfloat16, torch.float16):
-        assert_same(make_case(3, B=3, K=5, V=45, dtype=dtype), block_v=16)
+        for seed in (3, 4):  # 4: with the margin gate and a strict prefix
+            assert_same(make_case(seed, B=3, K=5, V=45, dtype=dtype), block_v=16)
 
 
 def test_all_requests_without_drafts():
