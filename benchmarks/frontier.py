@@ -234,7 +234,18 @@ def plot(path: Path, sets: dict[str, list[dict]], required: float) -> None:
 BUCKETS = ((0, 32), (32, 128), (128, 10 ** 9))
 
 
-def divergence_profile(run_dir: Path) -> dict[str, dict]:
+def token_kind(text: str) -> str:
+    """What a token is, for the parting profile: digits, layout (whitespace,
+    punctuation, markdown) or a word."""
+    t = text.strip()
+    if any(c.isdigit() for c in t):
+        return "digit"
+    if not t or not any(c.isalpha() for c in t):
+        return "layout"
+    return "word"
+
+
+def divergence_profile(run_dir: Path, tokenizer=None) -> dict[str, dict]:
     """Per mode (GSM8K, against the target's own outputs in the same folder):
     the share of outputs that part from the target's, the share of those
     whose final answer changes, both by where the output first parts
@@ -263,7 +274,10 @@ def divergence_profile(run_dir: Path) -> dict[str, dict]:
                 first = min(len(a), len(b))
             changed = gsm8k_extract(r["text"]) != gsm8k_extract(t["text"])
             loose = (r.get("fly_stats") or {}).get("loose_accepted_tokens")
-            rows.append((first, changed, loose))
+            kind = None
+            if tokenizer is not None and first is not None and first < min(len(a), len(b)):
+                kind = token_kind(tokenizer.decode([a[first]]))
+            rows.append((first, changed, loose, kind))
         parted = [x for x in rows if x[0] is not None]
         entry = {"n": len(rows), "parted": len(parted),
                  "answer_changed": sum(x[1] for x in rows),
@@ -274,6 +288,14 @@ def divergence_profile(run_dir: Path) -> dict[str, dict]:
             entry["by_first_parting"].append(
                 {"from": lo, "to": hi if hi < 10 ** 9 else None, "parted": len(inb),
                  "answer_changed": sum(x[1] for x in inb)})
+        kinds = {}
+        for x in parted:
+            if x[3] is not None:
+                k = kinds.setdefault(x[3], {"parted": 0, "answer_changed": 0})
+                k["parted"] += 1
+                k["answer_changed"] += int(x[1])
+        if kinds:
+            entry["by_target_token"] = kinds
         loose = [x[2] for x in rows if x[2] is not None]
         if loose:
             entry["loose_accepts_per_output"] = sum(loose) / len(loose)
@@ -287,13 +309,18 @@ def profile_table(profiles: dict[str, dict], set_name: str) -> list[str]:
              "not identical to the target's; changed = final answer differs; by the "
              "token where the output first parts.", "",
              "| point | loose accepts / output | parted | changed | changed if parted | "
-             "parted at 0-31 (changed) | 32-127 | 128+ |", "|---|---|---|---|---|---|---|---|"]
+             "parted at 0-31 (changed) | 32-127 | 128+ | on a word / layout / digit "
+             "(changed) |", "|---|---|---|---|---|---|---|---|---|"]
     for mode, e in profiles.items():
         b = e["by_first_parting"]
+        kinds = e.get("by_target_token", {})
+        on = " / ".join(f"{kinds[k]['parted']} ({kinds[k]['answer_changed']})"
+                        if k in kinds else "0" for k in ("word", "layout", "digit"))
         lines.append(
             f"| {mode} | {_f(e.get('loose_accepts_per_output'))} | {e['parted']}/{e['n']} | "
             f"{e['answer_changed']} | {_f(e['changed_given_parted'], '{:.0%}')} | "
-            + " | ".join(f"{x['parted']} ({x['answer_changed']})" for x in b) + " |")
+            + " | ".join(f"{x['parted']} ({x['answer_changed']})" for x in b)
+            + f" | {on if kinds else '–'} |")
     return lines + [""]
 
 
@@ -390,9 +417,17 @@ def main(argv=None) -> int:
                     "speed": str(args.speed) if args.speed else None},
         "environment": (eval_res or screen_res)["environment"],
     }
-    profiles = {"calibration": divergence_profile(args.screen)}
+    tok = None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(screen_res["settings"]["model"])
+    except Exception as e:  # the profile without token kinds
+        print(f"[frontier] no tokenizer ({e}); parting tokens not classified",
+              file=sys.stderr)
+    profiles = {"calibration": divergence_profile(args.screen, tok)}
     if args.eval:
-        profiles["evaluation"] = divergence_profile(args.eval)
+        profiles["evaluation"] = divergence_profile(args.eval, tok)
     summary["divergence_profile"] = profiles
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(args.out / "frontier.png", sets, args.agreement)
