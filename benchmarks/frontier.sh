@@ -39,12 +39,19 @@ draft=$(sed -n 2p <<<"$paths")
 quality=(--model "$target" --drafter "$draft" --temperatures 0 --concurrency 30
          --max-tokens 512 --engine '{"dtype": "float32", "max_model_len": 2048}')
 
+# One harness call per folder: its results.json scores the modes of that call
+# only. SCREEN_CACHED=1 scores the screen points already run, runs nothing.
+screen_points=()
+for f in strict screen-gates screen-more; do
+  [[ -f $pts/$f.json ]] && screen_points+=(--points "$pts/$f.json")
+done
+screen_args=("${quality[@]}" --out "$out/screen" --datasets gsm8k --limit "$SCREEN_N"
+             --modes nospec,points "${screen_points[@]}")
 if step screen; then
-  for f in strict screen-gates screen-more; do
-    [[ -f $pts/$f.json ]] || continue
-    $py benchmarks/run_bench.py "${quality[@]}" --out "$out/screen" --datasets gsm8k \
-      --limit "$SCREEN_N" --modes nospec,points --points "$pts/$f.json"
-  done
+  $py benchmarks/run_bench.py "${screen_args[@]}"
+fi
+if [[ ${SCREEN_CACHED:-0} == 1 ]]; then
+  $py benchmarks/run_bench.py "${screen_args[@]}" --cached-only
 fi
 
 if step eval; then

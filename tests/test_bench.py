@@ -218,6 +218,15 @@ def test_points_skip_and_bf16_warning(tmp_path, monkeypatch):
     assert modes[1].spec["num_speculative_tokens"] == 8
     assert modes[1].spec["fly"] == {"gate": "margin", "margin": 0.3}
     assert args.skip == {"gsm8k": 1000}
+    # --points repeats: the points of every file, a name in two files refused.
+    g = tmp_path / "q.json"
+    g.write_text(json.dumps([{"name": "e K4", "K": 4, "fly": {"entropy_threshold": 0.6}}]))
+    two = harness.parse_args(["--drafter", "D", "--modes", "points", "--points", str(f),
+                              "--points", str(g)])
+    assert [m.name for m in harness.build_modes(two)] == ["m K8", "strict K4", "e K4"]
+    with pytest.raises(SystemExit, match="strict K4 named in more than one file"):
+        harness.build_modes(harness.parse_args(
+            ["--drafter", "D", "--modes", "points", "--points", str(f), "--points", str(f)]))
     for bad in ('[{"K": 4}]', '[{"name": "a"}, {"name": "a"}]', "[oops"):
         with pytest.raises(Exception):
             harness.load_points(bad)
@@ -247,13 +256,15 @@ def test_small_benchmark_run(tiny_pair, tmp_path):
                                        "answer": f"...\n#### {2 * i}"}) + "\n"
                            for i in range(2)))
     out = SCRATCH / "bench"
+    common = ["--model", tiny_pair["target"],
+              "--drafter", tiny_pair["near"], "-k", "4", "--window", "2", "--threshold", "0",
+              "--sweep-threshold", "0.5",
+              "--sweep-window", "1", "--datasets", "gsm8k,mtbench", "--data", str(gsm),
+              "--limit", "gsm8k=2,mtbench=3", "--max-tokens", "12", "--temperatures", "0",
+              "--concurrency", "1,2", "--engine", '{"max_model_len": 512}']
     r = subprocess.run(
-        [sys.executable, "benchmarks/run_bench.py", "--model", tiny_pair["target"],
-         "--drafter", tiny_pair["near"], "-k", "4", "--window", "2", "--threshold", "0",
-         "--modes", "nospec,strict,fly,fly-ngram,sweep", "--sweep-threshold", "0.5",
-         "--sweep-window", "1", "--datasets", "gsm8k,mtbench", "--data", str(gsm),
-         "--limit", "gsm8k=2,mtbench=3", "--max-tokens", "12", "--temperatures", "0",
-         "--concurrency", "1,2", "--out", str(out), "--engine", '{"max_model_len": 512}'],
+        [sys.executable, "benchmarks/run_bench.py", *common,
+         "--modes", "nospec,strict,fly,fly-ngram,sweep", "--out", str(out)],
         cwd=ROOT, env=vllm_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -314,3 +325,19 @@ def test_small_benchmark_run(tiny_pair, tmp_path):
     assert [(x["id"], x["position"]) for x in rows] == [(item["id"], 3)]
     assert rows[0]["rank_target_token"] == 0
     assert base_raw is not None and "1 differ" in (copy / "divergence-strict.md").read_text()
+
+    # --cached-only scores what a folder already holds and runs nothing: a
+    # point never run is named and left out, the cached modes come back.
+    cached = tmp_path / "cached"
+    shutil.copytree(out, cached)
+    (cached / "results.json").unlink()
+    r = subprocess.run(
+        [sys.executable, "benchmarks/run_bench.py", *common, "--cached-only",
+         "--modes", "nospec,strict,points", "--out", str(cached),
+         "--points", '[{"name": "new K3", "K": 3, "fly": {"gate": "margin"}}]'],
+        cwd=ROOT, env=vllm_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "new K3, T=0, 1 at once: not run yet" in r.stderr
+    again = json.loads((cached / "results.json").read_text())
+    assert {t["mode"] for t in again["table"]} == {"no-spec", "strict"}
+    assert len(list((cached / "raw").glob("*.json"))) == len(list((out / "raw").glob("*.json")))

@@ -128,6 +128,10 @@ def _modes(args) -> list[Mode]:
             # Named settings from --points, each at its own K.
             if not args.points:
                 raise SystemExit("mode 'points' needs --points FILE")
+            names = [pt["name"] for pt in args.points]
+            dup = sorted({x for x in names if names.count(x) > 1})
+            if dup:
+                raise SystemExit(f"--points: {', '.join(dup)} named in more than one file")
             for pt in args.points:
                 kk = pt.get("K", k)
                 modes.append(Mode(pt["name"], {
@@ -612,10 +616,14 @@ def parse_args(argv):
     ap.add_argument("--skip", type=parse_limit, default=None,
                     help="items to skip first, per dataset like --limit (such as "
                     "gsm8k=1000): a set disjoint from the first items")
-    ap.add_argument("--points", type=load_points, default=None,
+    ap.add_argument("--points", type=load_points, default=None, action="extend",
                     help="mode 'points': a JSON file (or inline JSON) listing settings, "
                     'each {"name": ..., "K": 8, "fly": {...}} (K default -k; '
-                    '"fly": {"strict": true} is strict SD at that K)')
+                    '"fly": {"strict": true} is strict SD at that K); repeat it to '
+                    "take the points of several files")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="run nothing: score the modes already cached under OUT/raw "
+                    "and name the ones not run yet")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")],
                     default=[0.0, 1.0])
@@ -709,6 +717,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{what}: reusing {raw.name}", file=sys.stderr, flush=True)
                     runs[(mode.name, temp, conc)] = json.loads(raw.read_text())["run"]
                     continue
+                if args.cached_only:
+                    print(f"{what}: not run yet, left out (--cached-only)", file=sys.stderr,
+                          flush=True)
+                    continue
                 print(what, file=sys.stderr, flush=True)
                 t0 = time.time()
                 if args.server:
@@ -736,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
             base = (score_run(base_run, by_id, None, cache, args.max_tokens)
                     if base_run else {})
             for mode in modes:
+                if (mode.name, temp, conc) not in runs:  # --cached-only
+                    continue
                 metrics = score_run(runs[(mode.name, temp, conc)], by_id, base_run, cache,
                                     args.max_tokens)
                 add_relative(metrics, base)
