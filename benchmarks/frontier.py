@@ -304,6 +304,53 @@ def divergence_profile(run_dir: Path, tokenizer=None) -> dict[str, dict]:
     return out
 
 
+def loose_budget(tokens: float, strict_len: float, length: float, loose: float,
+                 parted: float, changed: float, gain: float = 1.10,
+                 agreement: float = 0.97) -> dict | None:
+    """What a point's own rates say the bar needs, per output (GSM8K).
+
+    tokens: mean output tokens; strict_len, length: mean accepted length of
+    strict SD and of the point at the same K; loose: loose accepts per output;
+    parted: share of outputs that part from the target's; changed: share of
+    parted outputs whose answer changes. A loose accept saves
+    ``tokens * (1 - strict_len / length) / loose`` tokens' worth of steps, so
+    ``gain`` needs ``tokens * (1 - 1 / gain)`` of them; ``agreement`` allows
+    ``(1 - agreement) / changed`` of outputs to part, at the point's loose
+    accepts per parted output. Both extrapolate the point's own rates (a
+    linear model, not a measurement); None where the point gains nothing or
+    never parts."""
+    if not (loose > 0 and parted > 0 and changed > 0 and length > strict_len):
+        return None
+    per_accept = tokens * (1 - strict_len / length) / loose
+    needed = tokens * (1 - 1 / gain) / per_accept
+    share = min(1.0, (1 - agreement) / changed)
+    allowed = share * loose / parted
+    saved = min(allowed * per_accept / tokens, 0.999)
+    return {"tokens_per_loose_accept": per_accept,
+            "loose_accepts_needed": needed,
+            "parted_share_allowed": share,
+            "loose_accepts_allowed": allowed,
+            "gain_at_allowed": 1 / (1 - saved),
+            "required_gain": gain, "required_agreement": agreement}
+
+
+def budget_table(budgets: dict[str, dict]) -> list[str]:
+    if not budgets:
+        return []
+    lines = ["What the bar needs, from each point's own rates (GSM8K, a linear "
+             "extrapolation): the tokens of steps one loose accept saves, the loose "
+             "accepts per output the gain needs, the share of outputs the agreement lets "
+             "part and the loose accepts that allows, and the gain they would give.", "",
+             "| point | tokens saved per loose accept | loose accepts needed for "
+             f"{next(iter(budgets.values()))['required_gain']:.2f}x | outputs allowed to part | "
+             "loose accepts allowed | gain at that |", "|---|---|---|---|---|---|"]
+    for mode, b in budgets.items():
+        lines.append(f"| {mode} | {b['tokens_per_loose_accept']:.1f} | "
+                     f"{b['loose_accepts_needed']:.1f} | {b['parted_share_allowed']:.0%} | "
+                     f"{b['loose_accepts_allowed']:.2f} | {b['gain_at_allowed']:.3f}x |")
+    return lines + [""]
+
+
 def profile_table(profiles: dict[str, dict], set_name: str) -> list[str]:
     lines = [f"Where outputs part from the target's ({set_name}, GSM8K): parted = outputs "
              "not identical to the target's; changed = final answer differs; by the "
@@ -429,6 +476,23 @@ def main(argv=None) -> int:
     if args.eval:
         profiles["evaluation"] = divergence_profile(args.eval, tok)
     summary["divergence_profile"] = profiles
+    budgets = {}
+    for name, pts in raw_sets.items():
+        budgets[name] = {}
+        for p in pts:
+            s, prof = p["settings"], profiles[name].get(p["name"], {})
+            strict = _strict_at(pts, s["K"]) if s and not s.get("strict") else None
+            g = p["datasets"].get("gsm8k", {})
+            if not (strict and prof.get("loose_accepts_per_output") is not None
+                    and g.get("output_tokens_mean") and prof.get("changed_given_parted")):
+                continue
+            b = loose_budget(g["output_tokens_mean"], strict["datasets"]["gsm8k"][
+                "mean_accepted_length"], g["mean_accepted_length"],
+                prof["loose_accepts_per_output"], prof["parted"] / prof["n"],
+                prof["changed_given_parted"], agreement=args.agreement)
+            if b:
+                budgets[name][p["name"]] = b
+    summary["loose_budget"] = budgets
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(args.out / "frontier.png", sets, args.agreement)
     lines = []
@@ -437,6 +501,7 @@ def main(argv=None) -> int:
             [p for p in pts if p["settings"] is not None]) + [""]
     for name, prof in profiles.items():
         lines += profile_table(prof, name)
+        lines += budget_table(budgets.get(name, {}))
     (args.out / "tables.md").write_text("\n".join(lines))
     print("\n".join(lines))
     if best:

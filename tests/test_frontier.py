@@ -70,3 +70,26 @@ def test_speed_ratios_take_the_median_over_rounds(tmp_path):
     assert r["m"]["tok_s_vs_strict_at_1"] == pytest.approx(1.1)
     assert r["m"]["tok_s_vs_strict_at_1_rounds"] == pytest.approx([1.1, 1.3, 1.05])
     assert r["strict K8"]["tok_s_vs_target_at_1"] == pytest.approx(2.0)
+
+
+def test_loose_budget_extrapolates_a_points_own_rates():
+    # 300 tokens an output; strict 4.0, the point 4.4 tokens a step with 3
+    # loose accepts an output: steps fall by 1 - 4/4.4 = 1/11, 300/11 tokens'
+    # worth, so one accept saves 300/33 tokens, and 1.10x (1/11 of steps)
+    # needs exactly the 3 it has. Half the outputs part, a fifth of those
+    # change the answer: 0.97 lets 15% part, at 6 accepts per parted output
+    # 0.9 accepts, which gives 1 / (1 - 0.9 / 33).
+    b = frontier.loose_budget(300, 4.0, 4.4, 3.0, 0.5, 0.2)
+    assert b["tokens_per_loose_accept"] == pytest.approx(300 / 33)
+    assert b["loose_accepts_needed"] == pytest.approx(3.0)
+    assert b["parted_share_allowed"] == pytest.approx(0.15)
+    assert b["loose_accepts_allowed"] == pytest.approx(0.9)
+    assert b["gain_at_allowed"] == pytest.approx(1 / (1 - 0.9 / 33))
+    # No gain, no parting or no changed answer: nothing to extrapolate.
+    assert frontier.loose_budget(300, 4.0, 3.9, 3.0, 0.5, 0.2) is None
+    assert frontier.loose_budget(300, 4.0, 4.4, 0.0, 0.0, 0.2) is None
+    assert frontier.loose_budget(300, 4.0, 4.4, 3.0, 0.5, 0.0) is None
+    # An agreement every parting can afford lets every output part.
+    assert frontier.loose_budget(300, 4.0, 4.4, 3.0, 0.5, 0.02)["parted_share_allowed"] == 1.0
+    lines = frontier.budget_table({"m": b})
+    assert "| m | 9.1 | 3.0 | 15% | 0.90 | 1.028x |" in lines
