@@ -245,13 +245,34 @@ def token_kind(text: str) -> str:
     return "word"
 
 
+def gsm8k_references(run_dir: Path) -> dict[str, str]:
+    """Item id -> GSM8K reference answer, from the dataset file the run used."""
+    from fly_vllm.bench import datasets as ds
+
+    data = None
+    res = run_dir / "results.json"
+    if res.exists():
+        data = json.loads(res.read_text())["settings"].get("data")
+    ids = set()
+    for p in (run_dir / "raw").glob("*.json"):
+        ids |= {x["id"] for x in json.loads(p.read_text())["run"]["results"]
+                if x["group"] == "gsm8k"}
+    if not ids:
+        return {}
+    last = max(int(i.rsplit("-", 1)[1]) for i in ids)
+    return {it.id: it.reference for it in ds.load("gsm8k", last + 1, data) if it.id in ids}
+
+
 def divergence_profile(run_dir: Path, tokenizer=None) -> dict[str, dict]:
     """Per mode (GSM8K, against the target's own outputs in the same folder):
     the share of outputs that part from the target's, the share of those
     whose final answer changes, both by where the output first parts
     (token buckets), and the loose accepts per output. The final-answer
-    agreement is about 1 - P(part) x P(answer changes | part)."""
-    from fly_vllm.bench.scoring import first_difference, gsm8k_extract
+    agreement is about 1 - P(part) x P(answer changes | part). ``by_target``
+    splits both by whether the target's own answer was right."""
+    from fly_vllm.bench.scoring import first_difference, gsm8k_correct, gsm8k_extract
+
+    refs = gsm8k_references(run_dir)
 
     raws = [json.loads(p.read_text()) for p in sorted((run_dir / "raw").glob("*.json"))]
     by = {r["mode"]: {x["id"]: x for x in r["run"]["results"] if x["group"] == "gsm8k"}
@@ -277,7 +298,8 @@ def divergence_profile(run_dir: Path, tokenizer=None) -> dict[str, dict]:
             kind = None
             if tokenizer is not None and first is not None and first < min(len(a), len(b)):
                 kind = token_kind(tokenizer.decode([a[first]]))
-            rows.append((first, changed, loose, kind))
+            right = gsm8k_correct(t["text"], refs[rid]) if rid in refs else None
+            rows.append((first, changed, loose, kind, right))
         parted = [x for x in rows if x[0] is not None]
         entry = {"n": len(rows), "parted": len(parted),
                  "answer_changed": sum(x[1] for x in rows),
@@ -296,6 +318,12 @@ def divergence_profile(run_dir: Path, tokenizer=None) -> dict[str, dict]:
                 k["answer_changed"] += int(x[1])
         if kinds:
             entry["by_target_token"] = kinds
+        if all(x[4] is not None for x in rows):
+            entry["by_target"] = {
+                name: {"n": sum(1 for x in rows if x[4] is ok),
+                       "parted": sum(1 for x in parted if x[4] is ok),
+                       "answer_changed": sum(1 for x in parted if x[4] is ok and x[1])}
+                for name, ok in (("right", True), ("wrong", False))}
         loose = [x[2] for x in rows if x[2] is not None]
         if loose:
             entry["loose_accepts_per_output"] = sum(loose) / len(loose)
@@ -354,10 +382,12 @@ def budget_table(budgets: dict[str, dict]) -> list[str]:
 def profile_table(profiles: dict[str, dict], set_name: str) -> list[str]:
     lines = [f"Where outputs part from the target's ({set_name}, GSM8K): parted = outputs "
              "not identical to the target's; changed = final answer differs; by the "
-             "token where the output first parts.", "",
+             "token where the output first parts, and by whether the target's own answer "
+             "was right.", "",
              "| point | loose accepts / output | parted | changed | changed if parted | "
              "parted at 0-31 (changed) | 32-127 | 128+ | on a word / layout / digit "
-             "(changed) |", "|---|---|---|---|---|---|---|---|---|"]
+             "(changed) | target right: parted (changed) | target wrong |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, e in profiles.items():
         b = e["by_first_parting"]
         kinds = e.get("by_target_token", {})
@@ -367,7 +397,10 @@ def profile_table(profiles: dict[str, dict], set_name: str) -> list[str]:
             f"| {mode} | {_f(e.get('loose_accepts_per_output'))} | {e['parted']}/{e['n']} | "
             f"{e['answer_changed']} | {_f(e['changed_given_parted'], '{:.0%}')} | "
             + " | ".join(f"{x['parted']} ({x['answer_changed']})" for x in b)
-            + f" | {on if kinds else '–'} |")
+            + f" | {on if kinds else '–'} | "
+            + " | ".join(f"{t['parted']}/{t['n']} ({t['answer_changed']})"
+                         for t in e.get("by_target", {}).values())
+            + (" |" if "by_target" in e else "– | – |"))
     return lines + [""]
 
 

@@ -93,3 +93,36 @@ def test_loose_budget_extrapolates_a_points_own_rates():
     assert frontier.loose_budget(300, 4.0, 4.4, 3.0, 0.5, 0.02)["parted_share_allowed"] == 1.0
     lines = frontier.budget_table({"m": b})
     assert "| m | 9.1 | 3.0 | 15% | 0.90 | 1.028x |" in lines
+
+
+def test_divergence_profile_splits_by_the_targets_own_answer(tmp_path):
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"s\n#### {i}"}) + "\n"
+                            for i in range(4)))
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "results.json").write_text(json.dumps({"settings": {"data": str(data)}}))
+
+    def raw(name, mode, outs):
+        res = [{"id": f"gsm8k-{i}", "group": "gsm8k", "token_ids": ids,
+                "text": f"#### {ans}", "fly_stats": {"loose_accepted_tokens": n}}
+               for i, (ids, ans, n) in enumerate(outs)]
+        (tmp_path / "raw" / f"{name}.json").write_text(json.dumps(
+            {"mode": mode, "temperature": 0, "run": {"results": res}}))
+
+    # The target is right on items 0 and 1, wrong on 2 and 3.
+    raw("a", "no-spec", [([1, 2, 3], 0, 0), ([1, 2, 3], 1, 0),
+                         ([1, 2, 3], 9, 0), ([1, 2, 3], 9, 0)])
+    # The loose mode parts on items 1 (same answer), 2 (new answer) and 3
+    # (new answer), at tokens 2, 0 and 1.
+    raw("b", "loose", [([1, 2, 3], 0, 0), ([1, 2, 4], 1, 1),
+                       ([5, 2, 3], 2, 1), ([1, 6, 3], 7, 2)])
+    prof = frontier.divergence_profile(tmp_path)["loose"]
+    assert (prof["n"], prof["parted"], prof["answer_changed"]) == (4, 3, 2)
+    assert prof["changed_given_parted"] == pytest.approx(2 / 3)
+    assert prof["by_target"] == {"right": {"n": 2, "parted": 1, "answer_changed": 0},
+                                 "wrong": {"n": 2, "parted": 2, "answer_changed": 2}}
+    assert prof["by_first_parting"][0] == {"from": 0, "to": 32, "parted": 3,
+                                           "answer_changed": 2}
+    assert prof["loose_accepts_per_output"] == 1.0
+    row = frontier.profile_table({"loose": prof}, "calibration")[-2]
+    assert row.endswith("| 1/2 (0) | 2/2 (2) |")
