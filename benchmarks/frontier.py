@@ -189,6 +189,20 @@ def pick_best(evaluated: list[dict], agreement: float) -> dict | None:
     return None
 
 
+def point_label(s: dict) -> str:
+    """A point's threshold(s), and its window and strict prefix where they
+    are not the screen's usual ones, for the plot: "0.3", "0.6/0.7",
+    "0.3 W3 N128"."""
+    vals = [s[k] for k in ("entropy_threshold", "margin") if k in s]
+    out = "/".join(f"{v:g}" for v in vals)
+    usual = 2 if s["K"] == 4 else 6  # the screen's window at K 4 and at K 8 or more
+    if s.get("window", usual) != usual:
+        out += f" W{s['window']}"
+    if s.get("strict_prefix_tokens"):
+        out += f" N{s['strict_prefix_tokens']}"
+    return out
+
+
 def plot(path: Path, sets: dict[str, list[dict]], required: float) -> None:
     import matplotlib
 
@@ -200,19 +214,26 @@ def plot(path: Path, sets: dict[str, list[dict]], required: float) -> None:
     marks = {4: "o", 8: "s", 15: "^"}
     for ax, (name, pts) in zip(axes[0], sets.items()):
         for gate, color in colors.items():
-            mine = sorted([p for p in pts if p["settings"] and p["settings"].get("gate") == gate
-                           and p.get("gain_over_strict") and p.get("agreement") is not None],
-                          key=lambda p: p["gain_over_strict"])
-            for p in mine:
-                x, y = p["gain_over_strict"], p["agreement"]
-                ax.errorbar([x], [y], yerr=[[y - p["agreement_lower95"]],
-                                            [p["agreement_upper95"] - y]],
-                            fmt=marks.get(p["settings"]["K"], "D"), color=color, ms=5,
-                            capsize=2, alpha=0.8, mfc="white" if p["settings"].get(
-                                "strict_prefix_tokens") else color)
-            if mine:
-                ax.plot([p["gain_over_strict"] for p in mine], [p["agreement"] for p in mine],
-                        color=color, lw=0.8, alpha=0.6, label=f"{gate} gate")
+            for k in sorted({p["settings"]["K"] for p in pts if p["settings"]}):
+                mine = sorted([p for p in pts if p["settings"]
+                               and p["settings"].get("gate") == gate
+                               and p["settings"]["K"] == k and p.get("gain_over_strict")
+                               and p.get("agreement") is not None],
+                              key=lambda p: p["gain_over_strict"])
+                for p in mine:
+                    x, y = p["gain_over_strict"], p["agreement"]
+                    ax.errorbar([x], [y], yerr=[[y - p["agreement_lower95"]],
+                                                [p["agreement_upper95"] - y]],
+                                fmt=marks.get(k, "D"), color=color, ms=5, capsize=2,
+                                alpha=0.8, mfc="white" if p["settings"].get(
+                                    "strict_prefix_tokens") else color)
+                    ax.annotate(point_label(p["settings"]), (x, y), xytext=(4, 3),
+                                textcoords="offset points", fontsize=6, color=color)
+                if mine:
+                    ax.plot([p["gain_over_strict"] for p in mine],
+                            [p["agreement"] for p in mine], color=color, lw=0.8, alpha=0.6,
+                            ls="-" if k == 4 else "--" if k == 8 else ":",
+                            label=f"{gate} gate, K{k}")
         for p in pts:
             if p["settings"] and p["settings"].get("strict") and p.get("agreement") is not None:
                 ax.plot([1.0], [p["agreement"]], "k*", ms=11)

@@ -126,3 +126,14 @@ def test_divergence_profile_splits_by_the_targets_own_answer(tmp_path):
     assert prof["loose_accepts_per_output"] == 1.0
     row = frontier.profile_table({"loose": prof}, "calibration")[-2]
     assert row.endswith("| 1/2 (0) | 2/2 (2) |")
+
+
+def test_point_labels_name_thresholds_and_unusual_windows():
+    s = frontier.settings_of
+    assert frontier.point_label(s({"num_speculative_tokens": 4,
+                                   "fly": {"gate": "margin", "margin": 0.3, "window": 2}})) == "0.3"
+    assert frontier.point_label(s({"num_speculative_tokens": 4, "fly": {
+        "gate": "both", "entropy_threshold": 0.6, "margin": 0.7, "window": 3,
+        "strict_prefix_tokens": 128}})) == "0.6/0.7 W3 N128"
+    assert frontier.point_label(s({"num_speculative_tokens": 8,
+                                   "fly": {"entropy_threshold": 0.9}})) == "0.9"
