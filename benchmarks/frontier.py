@@ -189,6 +189,13 @@ def pick_best(evaluated: list[dict], agreement: float) -> dict | None:
     return None
 
 
+def point_order(p: dict) -> tuple:
+    """Tables read by K, strict first, then gate, threshold, window, prefix."""
+    s = p["settings"]
+    return (s["K"], not s.get("strict"), s.get("gate", ""), s.get("entropy_threshold", 0),
+            s.get("margin", 0), s.get("window", 0), s.get("strict_prefix_tokens", 0))
+
+
 def point_label(s: dict) -> str:
     """A point's threshold(s), and its window and strict prefix where they
     are not the screen's usual ones, for the plot: "0.3", "0.6/0.7",
@@ -383,7 +390,7 @@ def loose_budget(tokens: float, strict_len: float, length: float, loose: float,
             "required_gain": gain, "required_agreement": agreement}
 
 
-def budget_table(budgets: dict[str, dict]) -> list[str]:
+def budget_table(budgets: dict[str, dict], order: list[str] | None = None) -> list[str]:
     if not budgets:
         return []
     lines = ["What the bar needs, from each point's own rates (GSM8K, a linear "
@@ -393,14 +400,20 @@ def budget_table(budgets: dict[str, dict]) -> list[str]:
              "| point | tokens saved per loose accept | loose accepts needed for "
              f"{next(iter(budgets.values()))['required_gain']:.2f}x | outputs allowed to part | "
              "loose accepts allowed | gain at that |", "|---|---|---|---|---|---|"]
-    for mode, b in budgets.items():
+    for mode, b in _in_order(budgets, order):
         lines.append(f"| {mode} | {b['tokens_per_loose_accept']:.1f} | "
                      f"{b['loose_accepts_needed']:.1f} | {b['parted_share_allowed']:.0%} | "
                      f"{b['loose_accepts_allowed']:.2f} | {b['gain_at_allowed']:.3f}x |")
     return lines + [""]
 
 
-def profile_table(profiles: dict[str, dict], set_name: str) -> list[str]:
+def _in_order(d: dict, order: list[str] | None) -> list:
+    return [(k, d[k]) for k in order or [] if k in d] + [
+        (k, v) for k, v in d.items() if k not in (order or [])]
+
+
+def profile_table(profiles: dict[str, dict], set_name: str,
+                  order: list[str] | None = None) -> list[str]:
     lines = [f"Where outputs part from the target's ({set_name}, GSM8K): parted = outputs "
              "not identical to the target's; changed = final answer differs; by the "
              "token where the output first parts, and by whether the target's own answer "
@@ -409,7 +422,7 @@ def profile_table(profiles: dict[str, dict], set_name: str) -> list[str]:
              "parted at 0-31 (changed) | 32-127 | 128+ | on a word / layout / digit "
              "(changed) | target right: parted (changed) | target wrong |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for mode, e in profiles.items():
+    for mode, e in _in_order(profiles, order):
         b = e["by_first_parting"]
         kinds = e.get("by_target_token", {})
         on = " / ".join(f"{kinds[k]['parted']} ({kinds[k]['answer_changed']})"
@@ -551,11 +564,13 @@ def main(argv=None) -> int:
     plot(args.out / "frontier.png", sets, args.agreement)
     lines = []
     for name, pts in sets.items():
-        lines += [f"## {name}", ""] + table(
-            [p for p in pts if p["settings"] is not None]) + [""]
+        lines += [f"## {name}", ""] + table(sorted(
+            [p for p in pts if p["settings"] is not None], key=point_order)) + [""]
     for name, prof in profiles.items():
-        lines += profile_table(prof, name)
-        lines += budget_table(budgets.get(name, {}))
+        order = [p["name"] for p in sorted(
+            [p for p in sets[name] if p["settings"]], key=point_order)]
+        lines += profile_table(prof, name, order)
+        lines += budget_table(budgets.get(name, {}), order)
     (args.out / "tables.md").write_text("\n".join(lines))
     print("\n".join(lines))
     if best:
