@@ -234,18 +234,23 @@ def plot(path: Path, sets: dict[str, list[dict]], required: float) -> None:
                                 fmt=marks.get(k, "D"), color=color, ms=5, capsize=2,
                                 alpha=0.8, mfc="white" if p["settings"].get(
                                     "strict_prefix_tokens") else color)
-                    ax.annotate(point_label(p["settings"]), (x, y), xytext=(4, 3),
-                                textcoords="offset points", fontsize=6, color=color)
+                    left = bool(p["settings"].get("strict_prefix_tokens"))
+                    ax.annotate(point_label(p["settings"]), (x, y),
+                                xytext=(-4 if left else 4, 3), textcoords="offset points",
+                                fontsize=6, color=color, ha="right" if left else "left")
                 if mine:
                     ax.plot([p["gain_over_strict"] for p in mine],
                             [p["agreement"] for p in mine], color=color, lw=0.8, alpha=0.6,
                             ls="-" if k == 4 else "--" if k == 8 else ":",
                             label=f"{gate} gate, K{k}")
+        stricts: dict[float, list[int]] = {}
         for p in pts:
             if p["settings"] and p["settings"].get("strict") and p.get("agreement") is not None:
-                ax.plot([1.0], [p["agreement"]], "k*", ms=11)
-                ax.annotate(f"strict K{p['settings']['K']}", (1.0, p["agreement"]),
-                            xytext=(4, -10), textcoords="offset points", fontsize=7)
+                stricts.setdefault(p["agreement"], []).append(p["settings"]["K"])
+        for y, ks in stricts.items():  # one star and label per agreement
+            ax.plot([1.0], [y], "k*", ms=11)
+            ax.annotate("strict " + ", ".join(f"K{k}" for k in sorted(ks)), (1.0, y),
+                        xytext=(4, -10), textcoords="offset points", fontsize=7)
         ax.axhline(required, ls="--", color="tab:red", lw=1, label=f"required {required:g}")
         ax.axvline(1.10, ls=":", color="grey", lw=1, label="1.10x strict")
         n = next((p.get("agreement_n") for p in pts if p.get("agreement_n")), "?")
