@@ -278,18 +278,15 @@ def token_kind(text: str) -> str:
     return "word"
 
 
-def gsm8k_references(run_dir: Path) -> dict[str, str]:
-    """Item id -> GSM8K reference answer, from the dataset file the run used."""
+def gsm8k_references(run_dir: Path, ids: set[str]) -> dict[str, str]:
+    """Item id -> GSM8K reference answer for ``ids``, from the dataset file
+    the run used."""
     from fly_vllm.bench import datasets as ds
 
     data = None
     res = run_dir / "results.json"
     if res.exists():
         data = json.loads(res.read_text())["settings"].get("data")
-    ids = set()
-    for p in (run_dir / "raw").glob("*.json"):
-        ids |= {x["id"] for x in json.loads(p.read_text())["run"]["results"]
-                if x["group"] == "gsm8k"}
     if not ids:
         return {}
     last = max(int(i.rsplit("-", 1)[1]) for i in ids)
@@ -305,11 +302,10 @@ def divergence_profile(run_dir: Path, tokenizer=None) -> dict[str, dict]:
     splits both by whether the target's own answer was right."""
     from fly_vllm.bench.scoring import first_difference, gsm8k_correct, gsm8k_extract
 
-    refs = gsm8k_references(run_dir)
-
     raws = [json.loads(p.read_text()) for p in sorted((run_dir / "raw").glob("*.json"))]
     by = {r["mode"]: {x["id"]: x for x in r["run"]["results"] if x["group"] == "gsm8k"}
           for r in raws if r["temperature"] == 0}
+    refs = gsm8k_references(run_dir, set().union(*by.values()))
     base = by.get("no-spec")
     if not base:
         return {}
