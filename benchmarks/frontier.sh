@@ -8,7 +8,8 @@
 #         benchmarks/frontier_points/{strict,screen-gates,screen-more}.json
 # eval    evaluation set, disjoint: GSM8K train items EVAL_SKIP..EVAL_SKIP+EVAL_N-1
 #         and all 164 HumanEval problems; the target alone, strict at each K
-#         used and the points of frontier_points/eval.json, chosen on the screen
+#         used and the points of frontier_points/eval.json, chosen on the screen,
+#         in the file's order; each mode in parts of EVAL_PART items, each cached
 # speed   one request at a time (and SPEED_AT at once) on SPEED_N GSM8K items
 #         of the evaluation set, ROUNDS interleaved rounds (each a fresh folder)
 # report  benchmarks/frontier.py: summary.json, frontier.png, tables.md
@@ -27,6 +28,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 SCREEN_N=${SCREEN_N:-100}
 EVAL_SKIP=${EVAL_SKIP:-1000}
 EVAL_N=${EVAL_N:-500}
+EVAL_PART=${EVAL_PART:-133}   # items per engine run: a stopped eval resumes per part
 SPEED_N=${SPEED_N:-16}
 SPEED_AT=${SPEED_AT:-4}
 SPEED_TOKENS=${SPEED_TOKENS:-256}
@@ -57,7 +59,8 @@ fi
 if step eval; then
   $py benchmarks/run_bench.py "${quality[@]}" --out "$out/eval" \
     --datasets gsm8k,humaneval --limit "gsm8k=$EVAL_N,humaneval=164" \
-    --skip "gsm8k=$EVAL_SKIP" --modes nospec,points --points "$pts/eval.json"
+    --skip "gsm8k=$EVAL_SKIP" --modes nospec,points --points "$pts/eval.json" \
+    --part-size "$EVAL_PART"
 fi
 
 if step speed; then

@@ -341,3 +341,78 @@ def test_small_benchmark_run(tiny_pair, tmp_path):
     again = json.loads((cached / "results.json").read_text())
     assert {t["mode"] for t in again["table"]} == {"no-spec", "strict"}
     assert len(list((cached / "raw").glob("*.json"))) == len(list((out / "raw").glob("*.json")))
+
+
+def test_parts_split_and_merge():
+    from fly_vllm.bench.parts import merge_runs, split
+
+    assert [len(p) for p in split(list(range(664)), 133)] == [133, 133, 133, 133, 132]
+    assert split([1, 2], None) == [[1, 2]] and split([1, 2], 5) == [[1, 2]]
+    with pytest.raises(ValueError):
+        split([1], 0)
+    a = {"elapsed": 1.0, "results": [{"id": "a"}], "counters": {"n": 1, "pos": [1, 2]},
+         "group_counters": {"g": {"n": 1}}, "group_elapsed": {"g": 1.0}}
+    b = {"elapsed": 2.5, "results": [{"id": "b"}], "counters": {"n": 2, "pos": [1, 2, 3]},
+         "group_counters": {"g": {"n": 2}, "h": {"n": 5}},
+         "group_elapsed": {"g": 1.0, "h": 1.5}}
+    m = merge_runs([a, b])
+    assert [r["id"] for r in m["results"]] == ["a", "b"] and m["parts"] == 2
+    assert m["counters"] == {"n": 3, "pos": [2, 4, 3]} and m["elapsed"] == 3.5
+    assert m["group_counters"] == {"g": {"n": 3}, "h": {"n": 5}}
+    assert m["group_elapsed"] == {"g": 2.0, "h": 1.5}
+    assert a["counters"] == {"n": 1, "pos": [1, 2]}  # the parts are not changed
+    with pytest.raises(ValueError):
+        merge_runs([])
+
+
+def test_run_in_parts_resumes_from_the_last_finished_part(tmp_path, monkeypatch, capsys):
+    """--part-size: each part is one engine run cached on its own; a stopped
+    run (here: a part whose engine fails) keeps the parts before it, and the
+    next call runs only what is missing. The engine is faked: it answers each
+    GSM8K item right and counts what it was asked to run."""
+    from fly_vllm.bench import harness, offline
+
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text("".join(json.dumps({"question": f"What is {i} + {i}?",
+                                       "answer": f"...\n#### {2 * i}"}) + "\n"
+                           for i in range(5)))
+    calls: list[list[str]] = []
+    fail_on = {"part": None}
+
+    def fake_run_mode(job, *, env=None, log_path=None):
+        ids = [r["id"] for r in job["requests"]]
+        calls.append(ids)
+        if fail_on["part"] is not None and len(calls) == fail_on["part"]:
+            raise RuntimeError("engine stopped")
+        return {"elapsed": 1.0, "counters": {}, "group_counters": {"gsm8k": {}},
+                "group_elapsed": {"gsm8k": 1.0},
+                "results": [{"id": i, "group": "gsm8k", "token_ids": [1, 2],
+                             "finish_reason": "stop",
+                             "text": f"#### {2 * int(i.split('-')[-1])}"} for i in ids]}
+
+    monkeypatch.setattr(offline, "run_mode", fake_run_mode)
+    out = tmp_path / "out"
+    argv = ["--model", str(tmp_path / "m"), "--datasets", "gsm8k", "--data", str(gsm),
+            "--temperatures", "0", "--concurrency", "2", "--modes", "nospec",
+            "--part-size", "2", "--out", str(out)]
+    fail_on["part"] = 3
+    with pytest.raises(RuntimeError):
+        harness.main(argv)
+    assert [len(c) for c in calls] == [2, 2, 1]
+    assert len(list((out / "raw" / "parts").glob("*.json"))) == 2
+    assert not list((out / "raw").glob("*.json"))  # the mode is not done
+
+    calls.clear()
+    fail_on["part"] = None
+    assert harness.main(argv) == 0
+    assert [len(c) for c in calls] == [1]  # only the missing part ran
+    assert capsys.readouterr().err.count("reusing parts/") == 2
+    res = json.loads((out / "results.json").read_text())
+    (row,) = res["table"]
+    assert row["metrics"]["n"] == 5 and row["metrics"]["accuracy"] == 1.0
+    (raw,) = (out / "raw").glob("*.json")
+    run = json.loads(raw.read_text())["run"]
+    assert run["parts"] == 3 and len(run["results"]) == 5
+
+    calls.clear()
+    assert harness.main(argv) == 0 and calls == []  # the whole mode is cached

@@ -464,7 +464,9 @@ def plot(out: Path, table: list[dict]) -> list[str]:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    written = []
+    written: list[str] = []
+    if not table:  # --cached-only before any mode has run: nothing to draw
+        return written
     temps = sorted({r["temperature"] for r in table})
     dsets = sorted({r["dataset"] for r in table})
     concs = sorted({r.get("concurrency", 1) for r in table})
@@ -559,6 +561,41 @@ def _run_key(mode: Mode, temp: float, common: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _run_offline(out: Path, raw: Path, mode: Mode, temp: float, common: dict, model: str,
+                 reqs: list[dict], conc: int, args, what: str) -> dict:
+    """One mode's run, in parts of --part-size items where asked (each part
+    cached as raw/<part key>.json and reused on resume), else in one go."""
+    from fly_vllm.bench.offline import run_mode
+    from fly_vllm.bench.parts import merge_runs, split
+
+    chunks = split(reqs, args.part_size if conc > 1 else None)
+    if len(chunks) == 1:
+        return run_mode({"model": model, "spec": mode.spec, "requests": reqs,
+                         "concurrency": conc, "progress": True,
+                         "engine": {"max_num_seqs": conc, **args.engine}},
+                        log_path=str(out / "raw" / f"{raw.stem}.log"))
+    runs = []
+    for j, chunk in enumerate(chunks):
+        key = _run_key(mode, temp, {**common, "items": [r["id"] for r in chunk],
+                                    "part": [j, len(chunks)]})
+        part = out / "raw" / "parts" / f"{key}.json"
+        label = f"{what}, part {j + 1}/{len(chunks)} ({len(chunk)} items)"
+        if part.exists():
+            print(f"{label}: reusing parts/{part.name}", file=sys.stderr, flush=True)
+            runs.append(json.loads(part.read_text())["run"])
+            continue
+        print(label, file=sys.stderr, flush=True)
+        part.parent.mkdir(exist_ok=True)
+        run = run_mode({"model": model, "spec": mode.spec, "requests": chunk,
+                        "concurrency": conc, "progress": True,
+                        "engine": {"max_num_seqs": conc, **args.engine}},
+                       log_path=str(part.with_suffix(".log")))
+        part.write_text(json.dumps({"mode": mode.name, "part": [j, len(chunks)],
+                                    "of": raw.stem, "run": run}))
+        runs.append(run)
+    return merge_runs(runs)
+
+
 def load_points(text: str) -> list[dict]:
     """--points: a JSON list of {"name", "K", "fly"} (a file path or inline)."""
     raw = text if text.lstrip().startswith("[") else Path(text).read_text()
@@ -624,6 +661,11 @@ def parse_args(argv):
     ap.add_argument("--cached-only", action="store_true",
                     help="run nothing: score the modes already cached under OUT/raw "
                     "and name the ones not run yet")
+    ap.add_argument("--part-size", type=int, default=None,
+                    help="run each mode in parts of this many items, each part its "
+                    "own engine run cached under OUT/raw, so a stopped run resumes "
+                    "from its last finished part (for quality runs: a part's tail "
+                    "runs below the concurrency, so timings are not comparable)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")],
                     default=[0.0, 1.0])
@@ -709,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
             common = {"model": model, "items": [it.id for it in conc_items],
                       "max_tokens": args.max_tokens, "concurrency": conc,
                       "engine": args.engine}
+            if args.part_size and not args.server:
+                common["part_size"] = args.part_size
             for mode in modes:
                 n += 1
                 what = f"[{n}/{total}] {mode.name}, T={temp:g}, {conc} at once"
@@ -726,12 +770,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.server:
                     run = run_remote(args.server, model, reqs, conc)
                 else:
-                    from fly_vllm.bench.offline import run_mode
-
-                    run = run_mode({"model": model, "spec": mode.spec, "requests": reqs,
-                                    "concurrency": conc, "progress": True,
-                                    "engine": {"max_num_seqs": conc, **args.engine}},
-                                   log_path=str(out / "raw" / f"{raw.stem}.log"))
+                    run = _run_offline(out, raw, mode, temp, common, model, reqs, conc,
+                                       args, what)
                 raw.write_text(json.dumps({"mode": mode.name, "spec": mode.spec,
                                            "temperature": temp, "concurrency": conc,
                                            "run": run}))

@@ -20,6 +20,8 @@ import tempfile
 import time
 from typing import Any
 
+from fly_vllm.bench.parts import add_counters
+
 PROGRESS = "[fly-bench] "
 DEFAULT_ENGINE = {"enforce_eager": True, "dtype": "float32", "max_model_len": 2048,
                   "seed": 0}
@@ -169,14 +171,7 @@ def _worker(job: dict) -> dict:
     elapsed = time.perf_counter() - t_all
     total: dict = {}
     for c in group_counters.values():
-        for k, v in c.items():
-            if isinstance(v, list):
-                acc = total.setdefault(k, [])
-                acc.extend([0] * (len(v) - len(acc)))
-                for i, x in enumerate(v):
-                    acc[i] += x
-            else:
-                total[k] = total.get(k, 0) + v
+        add_counters(total, c)
     return {"elapsed": elapsed, "results": results, "counters": total,
             "group_counters": group_counters, "group_elapsed": group_elapsed}
 
