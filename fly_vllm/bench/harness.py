@@ -31,124 +31,15 @@ import os
 import platform
 import shlex
 import signal
-import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from fly_vllm.bench import datasets as ds
-from fly_vllm.bench import scoring
-from fly_vllm.bench.offline import acceptance
-
-DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-DEFAULT_WINDOWS = (3, 4, 5, 6, 7, 8)
-
-
-@dataclass
-class Mode:
-    name: str
-    spec: dict | None
-    threshold: float | None = None
-    window: int | None = None
-    sweep: bool = False
-
-
-def _drafter(args, drafter: str | None = None) -> dict:
-    drafter = drafter or args.drafter
-    if drafter == "ngram":
-        return {"prompt_lookup_min": args.ngram_min, "prompt_lookup_max": args.ngram_max}
-    return {"model": drafter}
-
-
-def build_modes(args) -> list[Mode]:
-    """The modes to run, each config checked before any engine starts."""
-    from fly_vllm.config import FlyConfigError, parse_fly_config
-
-    modes = _modes(args)
-    for m in modes:
-        if m.spec is not None:
-            try:
-                parse_fly_config(m.spec)
-            except FlyConfigError as e:
-                raise SystemExit(f"mode {m.name!r}: {e}") from None
-    return modes
-
-
-def _modes(args) -> list[Mode]:
-    k = args.k
-    if args.window is None:
-        args.window = min(6, k - 1)
-
-    def fly(thr, w, drafter=None, **extra):
-        return {"method": "fly", **_drafter(args, drafter), "num_speculative_tokens": k,
-                "fly": {"entropy_threshold": thr, "window": w, **extra}}
-
-    names = [m.strip() for m in args.modes.split(",") if m.strip()]
-    modes: list[Mode] = []
-    for n in names:
-        if n == "nospec":
-            modes.append(Mode("no-spec", None))
-        elif n == "strict":
-            modes.append(Mode("strict", fly(args.threshold, args.window, strict=True)))
-        elif n == "fly":
-            modes.append(Mode("fly", fly(args.threshold, args.window), args.threshold,
-                              args.window))
-        elif n in GUARD_MODES:
-            # FLy with one quality guard on (fly-digits: no loose accept where
-            # a digit differs; fly-eos: none of EOS, stop tokens or strings).
-            modes.append(Mode(n, fly(args.threshold, args.window, **{GUARD_MODES[n]: True}),
-                              args.threshold, args.window))
-        elif n in ("strict-ngram", "fly-ngram"):
-            # n-gram drafting beside a draft model, on the same prompts.
-            strict = n == "strict-ngram"
-            modes.append(Mode(n, fly(args.threshold, args.window, "ngram",
-                                     **({"strict": True} if strict else {})),
-                              None if strict else args.threshold,
-                              None if strict else args.window))
-        elif n in ("fsd", "fsd-fallback"):
-            # FSD (rule fsd, Jensen-Shannon) at each --fsd-threshold, with the
-            # authors' resample variant or the fallback to the native test.
-            variant = "fallback" if n == "fsd-fallback" else "resample"
-            for t in args.fsd_threshold:
-                modes.append(Mode(f"{n} js={t:g}", {
-                    "method": "fly", **_drafter(args, None), "num_speculative_tokens": k,
-                    "fly": {"rule": "fsd", "fsd_divergence": "js", "fsd_threshold": t,
-                            "fsd_variant": variant}}))
-        elif n == "fly-multilevel":
-            # FLy with the multi-level (n-gram accelerated) draft model.
-            modes.append(Mode(n, fly(args.threshold, args.window, multilevel=True),
-                              args.threshold, args.window))
-        elif n == "fly-flex":
-            # FLy with flex decoding (confidence truncation, batch schedule;
-            # --flex adds settings such as {"flex_max_batch": 4}).
-            modes.append(Mode(n, fly(args.threshold, args.window, flex=True, **args.flex),
-                              args.threshold, args.window))
-        elif n == "points":
-            # Named settings from --points, each at its own K.
-            if not args.points:
-                raise SystemExit("mode 'points' needs --points FILE")
-            names = [pt["name"] for pt in args.points]
-            dup = sorted({x for x in names if names.count(x) > 1})
-            if dup:
-                raise SystemExit(f"--points: {', '.join(dup)} named in more than one file")
-            for pt in args.points:
-                kk = pt.get("K", k)
-                modes.append(Mode(pt["name"], {
-                    "method": "fly", **_drafter(args, pt.get("drafter")),
-                    "num_speculative_tokens": kk, "fly": dict(pt.get("fly", {}))}))
-        elif n == "sweep":
-            points = [(t, args.window) for t in args.sweep_threshold] + [
-                (args.threshold, w) for w in args.sweep_window]
-            for t, w in dict.fromkeys(points):
-                if (t, w) == (args.threshold, args.window) or w >= k:
-                    continue
-                modes.append(Mode(f"fly t={t:g} w={w}", fly(t, w), t, w, sweep=True))
-        else:
-            raise SystemExit(f"unknown mode {n!r}: use nospec, strict, fly, fly-digits, "
-                             "fly-eos, fsd, fsd-fallback, fly-multilevel, fly-flex, "
-                             "strict-ngram, fly-ngram, points, sweep")
-    return modes
+from fly_vllm.bench.metrics import add_relative, score_run
+from fly_vllm.bench.modes import (DEFAULT_THRESHOLDS, DEFAULT_WINDOWS, Mode, build_modes,
+                                  load_points, run_key)
+from fly_vllm.bench.report import plot, write_report
 
 
 def _seed(item_id: str) -> int:
@@ -159,133 +50,6 @@ def build_requests(items: list[ds.Item], max_tokens: int, temperature: float) ->
     return [{"id": it.id, "group": it.dataset, "messages": it.messages,
              "max_tokens": max_tokens, "temperature": temperature,
              "seed": _seed(it.id) if temperature > 0 else None} for it in items]
-
-
-def _quantiles(xs: list[float]) -> tuple[float, float, float]:
-    if not xs:
-        return (float("nan"),) * 3
-    if len(xs) == 1:
-        return (xs[0],) * 3
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return q[0], statistics.median(xs), q[2]
-
-
-def _capped(r: dict, max_tokens: int | None) -> bool:
-    """Did the output stop at the token cap? vLLM's finish reason where the
-    run recorded it, else its length against ``max_tokens``."""
-    if r.get("finish_reason") is not None:
-        return r["finish_reason"] == "length"
-    n = len(r["token_ids"]) if "token_ids" in r else r.get("n_tokens", 0)
-    return max_tokens is not None and n >= max_tokens
-
-
-def divergence_metrics(res: list[dict], tgt: dict[str, dict]) -> dict:
-    """What a mode changes in the outputs against the target's own (items of
-    ``res`` that ``tgt`` has, by id): output length ratio (tokens over the
-    target's, summed over the items), the share of identical outputs, and,
-    among the others, the first token where the output parts from the
-    target's (median and quartiles; an output that is a prefix of the other
-    parts where the shorter ends)."""
-    pairs = [(r["token_ids"], tgt[r["id"]]["token_ids"]) for r in res
-             if r["id"] in tgt and "token_ids" in r and "token_ids" in tgt[r["id"]]]
-    if not pairs:
-        return {}
-    mine, theirs = sum(len(a) for a, _ in pairs), sum(len(b) for _, b in pairs)
-    parts = []
-    for a, b in pairs:
-        if a == b:
-            continue
-        first = scoring.first_difference(a, b)
-        parts.append(min(len(a), len(b)) if first is None else first)
-    return {"output_length_ratio": mine / theirs if theirs else float("nan"),
-            "identical": (len(pairs) - len(parts)) / len(pairs),
-            "parted": len(parts), "first_parting_q": _quantiles([float(x) for x in parts])}
-
-
-def score_run(run: dict, items: dict[str, ds.Item], target: dict | None,
-              sandbox_cache: dict, max_tokens: int | None = None) -> dict[str, dict]:
-    """Per-dataset metrics of one run (`target`: the no-spec run, same T;
-    `max_tokens`: the cap, for runs that did not record a finish reason)."""
-    out = {}
-    tgt = {r["id"]: r for r in (target or {}).get("results", [])}
-    for group, counters in run["group_counters"].items():
-        res = [r for r in run["results"] if r["group"] == group]
-        ntok = [len(r["token_ids"]) if "token_ids" in r else r["n_tokens"] for r in res]
-        timed = [(n, r["latency"]) for n, r in zip(ntok, res) if r.get("latency")]
-        tpot = [l / max(n, 1) * 1000 for n, l in timed]
-        tok_s = [n / l for n, l in timed]
-        # Throughput over the group's wall time; per-request latencies overlap
-        # when several requests run at once, so their sum would undercount it.
-        wall = run.get("group_elapsed", {}).get(group) or sum(l for _, l in timed)
-        drafts = counters.get("vllm:spec_decode_num_drafts", 0)
-        per_pos = counters.get("vllm:spec_decode_num_accepted_tokens_per_pos", [])
-        m = {
-            "n": len(res), "tokens": sum(ntok), "time_s": wall,
-            "tok_s": sum(ntok) / wall if wall else float("nan"),
-            "tok_s_q": _quantiles(tok_s), "tpot_ms_q": _quantiles(tpot),
-            **acceptance(counters),
-            "spec_steps": drafts,
-            "accepted_tokens": counters.get("vllm:spec_decode_num_accepted_tokens", 0),
-            "acceptance_per_position": [a / drafts for a in per_pos] if drafts else [],
-            "output_tokens_mean": sum(ntok) / len(ntok) if ntok else float("nan"),
-            "capped": (sum(_capped(r, max_tokens) for r in res) / len(res)
-                       if res else float("nan")),
-            **divergence_metrics(res, tgt),
-        }
-        correct = []
-        if group in ("gsm8k", "humaneval"):
-            for r in res:
-                it = items[r["id"]]
-                if group == "gsm8k":
-                    correct.append(float(scoring.gsm8k_correct(r["text"], it.reference)))
-                else:
-                    key = (r["id"], r["text"])
-                    if key not in sandbox_cache:
-                        sandbox_cache[key] = scoring.humaneval_passes(it.reference, r["text"])
-                    correct.append(float(sandbox_cache[key]))
-            m["correct_by_id"] = {r["id"]: c for r, c in zip(res, correct)}
-            m["accuracy"] = sum(correct) / len(correct)
-            m["accuracy_ci"] = scoring.bootstrap_ci(correct)
-        agree, same_answer = [], []
-        for r in res:
-            t = tgt.get(r["id"])
-            if t is None:
-                continue
-            a = r.get("token_ids") or r["text"].split()
-            b = t.get("token_ids") or t["text"].split()
-            agree.append(scoring.lcs_ratio(a, b))
-            if group == "gsm8k":
-                same_answer.append(float(scoring.gsm8k_extract(r["text"])
-                                         == scoring.gsm8k_extract(t["text"])))
-        if agree:
-            m["agreement_lcs"] = sum(agree) / len(agree)
-            m["agreement_lcs_ci"] = scoring.bootstrap_ci(agree)
-            m["exact_match"] = sum(float(x == 1.0) for x in agree) / len(agree)
-        if same_answer:
-            k = int(sum(same_answer))
-            m["answer_agreement"] = k / len(same_answer)
-            m["answer_agreement_ci"] = scoring.bootstrap_ci(same_answer)
-            m["answer_agreement_k"] = k
-            m["answer_agreement_exact_ci"] = scoring.exact_ci(k, len(same_answer))
-            m["answer_disagree"] = [r["id"] for r, x in zip(
-                [r for r in res if r["id"] in tgt], same_answer) if not x]
-        out[group] = m
-    return out
-
-
-def add_relative(metrics: dict, base: dict) -> None:
-    """Speed-up and retention against the no-spec run (same dataset, same T)."""
-    for group, m in metrics.items():
-        b = base.get(group)
-        if not b:
-            continue
-        m["speedup"] = m["tok_s"] / b["tok_s"] if b["tok_s"] else None
-        if "correct_by_id" in m and "correct_by_id" in b:
-            mine, theirs = scoring.aligned(m["correct_by_id"], b["correct_by_id"])
-            m["paired"] = scoring.paired(m["correct_by_id"], b["correct_by_id"])
-            if sum(theirs) > 0:
-                m["retention"] = sum(mine) / sum(theirs)
-                m["retention_ci"] = scoring.ratio_ci(mine, theirs)
 
 
 def cpu_flags() -> list[str]:
@@ -363,204 +127,6 @@ def _worker_env() -> dict:
     return {k: env[k] for k in keys}
 
 
-def _fmt(x, f="{:.2f}"):
-    return "–" if x is None or (isinstance(x, float) and x != x) else f.format(x)
-
-
-def _ci(m, key, f="{:.2f}"):
-    if key not in m:
-        return "–"
-    lo, hi = m.get(key + "_ci", (None, None))
-    return f"{_fmt(m[key], f)} [{_fmt(lo, f)}, {_fmt(hi, f)}]"
-
-
-def _flips(m: dict) -> str:
-    f = m.get("paired")
-    if not f:
-        return "–"
-    return f"{f['right_to_wrong']} / {f['wrong_to_right']} (p={f['mcnemar_p']:.2g})"
-
-
-def write_report(out: Path, env: dict, settings: dict, table: list[dict]) -> None:
-    lines = ["# fly-vllm benchmark", "",
-             f"- command: `{env['command']}`", f"- date: {env['date']}",
-             f"- machine: {env['machine']}",
-             "- CPU flags: " + (", ".join(env.get("cpu_flags") or []) or "–"),
-             "- engine process and threads: " + (", ".join(
-                 f"{k}={v}" for k, v in env["worker_env"].items()) if env.get("worker_env")
-                 else "the server's"),
-             "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
-             "- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
-             "One run per mode on a shared machine: read tok/s as a ratio within this "
-             "run. At once = requests in flight: 1 runs them one by one; more submits "
-             "them all to an engine that runs that many at a time, and tok/s is output "
-             "tokens over the wall time. TPOT = time per output token, median [p25, p75] "
-             "over requests (one at a time only). Speed-up and retention compare with "
-             "no speculation at the same number at once. "
-             "Accuracy and agreement carry 95% bootstrap intervals; retention = "
-             "accuracy / no-spec accuracy (paired bootstrap). Flips: items right with "
-             "no speculation and wrong with the mode, and the reverse, with McNemar's "
-             "exact p-value. Agreement (LCS) = token "
-             "longest-common-subsequence ratio against the no-spec output at the same "
-             "temperature; at temperature 1 the two are independent samples, so it "
-             "measures drift only loosely.", ""]
-    for temp in sorted({r["temperature"] for r in table}):
-        lines += [f"## temperature {temp:g}", "",
-                  "| dataset | mode | at once | tok/s | speed-up | TPOT ms | mean acc. len "
-                  "| drafter passes / step | loose rate | accuracy | retention "
-                  "| flips r→w / w→r (McNemar p) | answer agreement | agreement (LCS) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in table:
-            if r["temperature"] != temp:
-                continue
-            m = r["metrics"]
-            q = m["tpot_ms_q"]
-            lines.append(
-                f"| {r['dataset']} | {r['mode']} | {r.get('concurrency', 1)} | "
-                f"{_fmt(m['tok_s'], '{:.1f}')} | "
-                f"{_fmt(m.get('speedup'))}x | {_fmt(q[1], '{:.1f}')} [{_fmt(q[0], '{:.1f}')}, "
-                f"{_fmt(q[2], '{:.1f}')}] | {_fmt(m['mean_accepted_length'])} | "
-                f"{_fmt(m.get('drafter_passes_per_step'))} | "
-                f"{_fmt(m['loose_rate'], '{:.1%}')} | {_ci(m, 'accuracy')} | "
-                f"{_ci(m, 'retention')} | {_flips(m)} | {_ci(m, 'answer_agreement')} | "
-                f"{_ci(m, 'agreement_lcs')} |")
-        lines.append("")
-        lines += _changes_table([r for r in table if r["temperature"] == temp])
-    (out / "report.md").write_text("\n".join(lines))
-
-
-def _changes_table(rows: list[dict]) -> list[str]:
-    """What each mode changes in the outputs, against the target's own."""
-    lines = ["What each mode changes against the target's own outputs (no-spec, same "
-             "items): mean output tokens and their ratio to the target's, the share "
-             "that hit max_tokens, identical outputs, the first token where the "
-             "others part from the target's (median [p25, p75]), and final-answer "
-             "agreement with its exact (Clopper-Pearson) 95% interval.", "",
-             "| dataset | mode | at once | output tokens | length ratio | capped | "
-             "identical | first parting token | answer agreement (exact 95%) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        m = r["metrics"]
-        q = m.get("first_parting_q")
-        part = (f"{_fmt(q[1], '{:.0f}')} [{_fmt(q[0], '{:.0f}')}, {_fmt(q[2], '{:.0f}')}]"
-                if q and m.get("parted") else "–")
-        agree = "–"
-        if "answer_agreement_exact_ci" in m:
-            lo, hi = m["answer_agreement_exact_ci"]
-            agree = (f"{m['answer_agreement_k']}/{m['n']} = {m['answer_agreement']:.3f} "
-                     f"[{lo:.3f}, {hi:.3f}]")
-        lines.append(
-            f"| {r['dataset']} | {r['mode']} | {r.get('concurrency', 1)} | "
-            f"{_fmt(m.get('output_tokens_mean'), '{:.0f}')} | "
-            f"{_fmt(m.get('output_length_ratio'))} | {_fmt(m.get('capped'), '{:.1%}')} | "
-            f"{_fmt(m.get('identical'), '{:.1%}')} | {part} | {agree} |")
-    return lines + [""]
-
-
-def plot(out: Path, table: list[dict]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    written: list[str] = []
-    if not table:  # --cached-only before any mode has run: nothing to draw
-        return written
-    temps = sorted({r["temperature"] for r in table})
-    dsets = sorted({r["dataset"] for r in table})
-    concs = sorted({r.get("concurrency", 1) for r in table})
-    fig, axes = plt.subplots(len(temps), len(dsets), squeeze=False,
-                             figsize=(4.5 * len(dsets), 3.8 * len(temps)))
-    for i, temp in enumerate(temps):
-        for j, d in enumerate(dsets):
-            ax = axes[i][j]
-            rows = [r for r in table if r["temperature"] == temp and r["dataset"] == d
-                    and r["mode"] != "no-spec" and r["metrics"].get("speedup") is not None]
-            # Retention where every point has it (accuracy > 0 for the target),
-            # else agreement with the target's output.
-            key = ("retention" if rows and all("retention" in r["metrics"] for r in rows)
-                   else "agreement_lcs")
-            for r in rows:
-                m = r["metrics"]
-                if key not in m:
-                    continue
-                x, y = m[key], m["speedup"]
-                ax.scatter(x, y, color="C1" if r["mode"].startswith("fly") else "C0")
-                label = r["mode"].replace("fly ", "")
-                if len(concs) > 1:
-                    label += f" @{r.get('concurrency', 1)}"
-                ax.annotate(label, (x, y), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
-            ax.axhline(1.0, color="grey", lw=0.5)
-            label = "retention (accuracy ratio)" if key == "retention" else \
-                "agreement with target (token LCS)"
-            ax.set(title=f"{d}, T={temp:g}", xlabel=label, ylabel="speed-up vs no-spec")
-    fig.tight_layout()
-    fig.savefig(out / "speedup_vs_retention.png", dpi=110)
-    written.append("speedup_vs_retention.png")
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, len(temps), squeeze=False, figsize=(6 * len(temps), 4))
-    for i, temp in enumerate(temps):
-        ax = axes[0][i]
-        for r in table:
-            m = r["metrics"]
-            if r["temperature"] != temp or not m["acceptance_per_position"]:
-                continue
-            if r["mode"] not in ("strict", "fly") and not r["mode"].startswith("fly t=0.3"):
-                continue
-            if r.get("concurrency", 1) != concs[0]:
-                continue
-            ax.plot(range(len(m["acceptance_per_position"])), m["acceptance_per_position"],
-                    marker="o", label=f"{r['mode']} / {r['dataset']}")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set(title=f"acceptance by draft position, T={temp:g}", xlabel="position",
-               ylabel="accepted / verification steps", ylim=(0, 1.05))
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "acceptance_per_position.png", dpi=110)
-    written.append("acceptance_per_position.png")
-    plt.close(fig)
-    if len(concs) > 1:
-        written.append(_plot_concurrency(out, table, temps, dsets, concs, plt))
-    return written
-
-
-def _plot_concurrency(out: Path, table, temps, dsets, concs, plt) -> str:
-    """Throughput against requests at once, one line per (non-sweep) mode."""
-    fig, axes = plt.subplots(len(temps), len(dsets), squeeze=False,
-                             figsize=(4.5 * len(dsets), 3.8 * len(temps)))
-    for i, temp in enumerate(temps):
-        for j, d in enumerate(dsets):
-            ax = axes[i][j]
-            modes = dict.fromkeys(r["mode"] for r in table if " t=" not in r["mode"])
-            for k, mode in enumerate(modes):
-                pts = sorted((r["concurrency"], r["metrics"]["tok_s"]) for r in table
-                             if r["mode"] == mode and r["dataset"] == d
-                             and r["temperature"] == temp)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", color=f"C{k}", label=mode)
-            ax.set_xscale("log")
-            ax.set_xticks(concs, [str(c) for c in concs])
-            ax.xaxis.set_minor_locator(plt.NullLocator())
-            ax.set(title=f"{d}, T={temp:g}", xlabel="requests at once",
-                   ylabel="output tokens/s")
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "speed_vs_concurrency.png", dpi=110)
-    plt.close(fig)
-    return "speed_vs_concurrency.png"
-
-
-GUARD_MODES = {"fly-digits": "guard_digits", "fly-eos": "guard_eos_stop"}
-
-
-def _run_key(mode: Mode, temp: float, common: dict) -> str:
-    blob = json.dumps({"spec": mode.spec, "t": temp, **common}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def _run_offline(out: Path, raw: Path, mode: Mode, temp: float, common: dict, model: str,
                  reqs: list[dict], conc: int, args, what: str) -> dict:
     """One mode's run, in parts of --part-size items where asked (each part
@@ -576,7 +142,7 @@ def _run_offline(out: Path, raw: Path, mode: Mode, temp: float, common: dict, mo
                         log_path=str(out / "raw" / f"{raw.stem}.log"))
     runs = []
     for j, chunk in enumerate(chunks):
-        key = _run_key(mode, temp, {**common, "items": [r["id"] for r in chunk],
+        key = run_key(mode, temp, {**common, "items": [r["id"] for r in chunk],
                                     "part": [j, len(chunks)]})
         part = out / "raw" / "parts" / f"{key}.json"
         label = f"{what}, part {j + 1}/{len(chunks)} ({len(chunk)} items)"
@@ -594,22 +160,6 @@ def _run_offline(out: Path, raw: Path, mode: Mode, temp: float, common: dict, mo
                                     "of": raw.stem, "run": run}))
         runs.append(run)
     return merge_runs(runs)
-
-
-def load_points(text: str) -> list[dict]:
-    """--points: a JSON list of {"name", "K", "fly"} (a file path or inline)."""
-    raw = text if text.lstrip().startswith("[") else Path(text).read_text()
-    try:
-        points = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"--points is not valid JSON: {e}") from None
-    names = [p.get("name") if isinstance(p, dict) else None for p in points]
-    if not isinstance(points, list) or not all(isinstance(n, str) and n for n in names):
-        raise argparse.ArgumentTypeError(
-            '--points must be a JSON list of objects, each with a "name"')
-    if len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError("--points: names must be unique")
-    return points
 
 
 def parse_limit(text: str) -> dict[str, int]:
@@ -756,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes:
                 n += 1
                 what = f"[{n}/{total}] {mode.name}, T={temp:g}, {conc} at once"
-                raw = out / "raw" / f"{_run_key(mode, temp, common)}.json"
+                raw = out / "raw" / f"{run_key(mode, temp, common)}.json"
                 if raw.exists():
                     print(f"{what}: reusing {raw.name}", file=sys.stderr, flush=True)
                     runs[(mode.name, temp, conc)] = json.loads(raw.read_text())["run"]
