@@ -17,6 +17,7 @@
 # Quality runs: fp32 (bf16 on this machine is noisier than the effect measured:
 # results/frontier/bf16-noise/), greedy, 30 requests at once, 512 new tokens.
 # Every run is cached under its folder's raw/, so an interrupted step resumes.
+# SCREEN_CACHED=1 / EVAL_CACHED=1 (with the report step): score what has run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-screen,eval,speed,report}
@@ -56,11 +57,16 @@ if [[ ${SCREEN_CACHED:-0} == 1 ]]; then
   $py benchmarks/run_bench.py "${screen_args[@]}" --cached-only
 fi
 
+eval_args=("${quality[@]}" --out "$out/eval"
+           --datasets gsm8k,humaneval --limit "gsm8k=$EVAL_N,humaneval=164"
+           --skip "gsm8k=$EVAL_SKIP" --modes nospec,points --points "$pts/eval.json"
+           --part-size "$EVAL_PART")
 if step eval; then
-  $py benchmarks/run_bench.py "${quality[@]}" --out "$out/eval" \
-    --datasets gsm8k,humaneval --limit "gsm8k=$EVAL_N,humaneval=164" \
-    --skip "gsm8k=$EVAL_SKIP" --modes nospec,points --points "$pts/eval.json" \
-    --part-size "$EVAL_PART"
+  $py benchmarks/run_bench.py "${eval_args[@]}"
+fi
+# EVAL_CACHED=1: score the evaluation modes that have finished, run nothing.
+if [[ ${EVAL_CACHED:-0} == 1 ]]; then
+  $py benchmarks/run_bench.py "${eval_args[@]}" --cached-only
 fi
 
 if step speed; then
