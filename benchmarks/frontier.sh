@@ -9,7 +9,8 @@
 # eval    evaluation set, disjoint: GSM8K train items EVAL_SKIP..EVAL_SKIP+EVAL_N-1
 #         and all 164 HumanEval problems; the target alone, strict at each K
 #         used and the points of frontier_points/eval.json, chosen on the screen,
-#         in the file's order; each mode in parts of EVAL_PART items, each cached
+#         in the file's order, in parts of EVAL_PART items, each cached: part 1 of
+#         every mode, then part 2, ... (EVAL_CACHED=1 scores what has run)
 # speed   one request at a time (and SPEED_AT at once) on SPEED_N GSM8K items
 #         of the evaluation set, ROUNDS interleaved rounds (each a fresh folder)
 # report  benchmarks/frontier.py: summary.json, frontier.png, tables.md
@@ -60,7 +61,7 @@ fi
 eval_args=("${quality[@]}" --out "$out/eval"
            --datasets gsm8k,humaneval --limit "gsm8k=$EVAL_N,humaneval=164"
            --skip "gsm8k=$EVAL_SKIP" --modes nospec,points --points "$pts/eval.json"
-           --part-size "$EVAL_PART")
+           --part-size "$EVAL_PART" --part-order part)
 if step eval; then
   $py benchmarks/run_bench.py "${eval_args[@]}"
 fi

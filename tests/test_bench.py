@@ -416,3 +416,49 @@ def test_run_in_parts_resumes_from_the_last_finished_part(tmp_path, monkeypatch,
 
     calls.clear()
     assert harness.main(argv) == 0 and calls == []  # the whole mode is cached
+
+
+def test_parts_in_part_order_and_unfinished_modes_scored(tmp_path, monkeypatch, capsys):
+    """--part-order part runs the first part of every mode, then the second;
+    --cached-only scores a mode stopped midway on the items of its finished
+    parts and says so, in the log, results.json and report.md."""
+    from fly_vllm.bench import harness, offline
+
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text("".join(json.dumps({"question": f"What is {i} + {i}?",
+                                       "answer": f"...\n#### {2 * i}"}) + "\n"
+                           for i in range(4)))
+    calls: list[tuple[bool, list[str]]] = []
+
+    def fake_run_mode(job, *, env=None, log_path=None):
+        ids = [r["id"] for r in job["requests"]]
+        calls.append((job["spec"] is None, ids))
+        if len(calls) == 3:
+            raise RuntimeError("engine stopped")
+        return {"elapsed": 1.0, "counters": {}, "group_counters": {"gsm8k": {}},
+                "group_elapsed": {"gsm8k": 1.0},
+                "results": [{"id": i, "group": "gsm8k", "token_ids": [1, 2],
+                             "finish_reason": "stop", "text": "#### 0"} for i in ids]}
+
+    monkeypatch.setattr(offline, "run_mode", fake_run_mode)
+    out = tmp_path / "out"
+    argv = ["--model", str(tmp_path / "m"), "--datasets", "gsm8k", "--data", str(gsm),
+            "--temperatures", "0", "--concurrency", "2", "--modes", "nospec,strict",
+            "-k", "2", "--part-size", "2", "--part-order", "part", "--out", str(out)]
+    with pytest.raises(RuntimeError):
+        harness.main(argv)
+    # Part 1 of the target, part 1 of strict, then part 2 of the target.
+    assert calls == [(True, ["gsm8k-0", "gsm8k-1"]), (False, ["gsm8k-0", "gsm8k-1"]),
+                     (True, ["gsm8k-2", "gsm8k-3"])]
+    capsys.readouterr()
+    assert harness.main(argv + ["--cached-only"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("not finished, scored on the 2 items of its 1 finished parts") == 2
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["mode"]: r for r in res["table"]}
+    assert rows["strict"]["unfinished"] == {"parts": 1, "of": 2}
+    assert rows["strict"]["metrics"]["n"] == 2
+    # Only gsm8k-0 is right ("#### 0"): the same on both, so retention is 1.
+    assert rows["strict"]["metrics"]["retention"] == 1.0
+    assert "| gsm8k | strict (1 of 2 parts) |" in (out / "report.md").read_text()
+    assert len(calls) == 3  # --cached-only ran nothing

@@ -127,39 +127,64 @@ def _worker_env() -> dict:
     return {k: env[k] for k in keys}
 
 
-def _run_offline(out: Path, raw: Path, mode: Mode, temp: float, common: dict, model: str,
-                 reqs: list[dict], conc: int, args, what: str) -> dict:
-    """One mode's run, in parts of --part-size items where asked (each part
-    cached as raw/<part key>.json and reused on resume), else in one go."""
-    from fly_vllm.bench.offline import run_mode
-    from fly_vllm.bench.parts import merge_runs, split
+def _job(model: str, mode: Mode, reqs: list[dict], conc: int, args) -> dict:
+    return {"model": model, "spec": mode.spec, "requests": reqs, "concurrency": conc,
+            "progress": True, "engine": {"max_num_seqs": conc, **args.engine}}
+
+
+def _parts(out: Path, mode: Mode, temp: float, common: dict, reqs: list[dict], conc: int,
+           args) -> list[tuple[Path, list[dict]]]:
+    """Where a mode runs in parts (--part-size, more than one request at
+    once): each part's cache file and requests; else []."""
+    from fly_vllm.bench.parts import split
 
     chunks = split(reqs, args.part_size if conc > 1 else None)
     if len(chunks) == 1:
-        return run_mode({"model": model, "spec": mode.spec, "requests": reqs,
-                         "concurrency": conc, "progress": True,
-                         "engine": {"max_num_seqs": conc, **args.engine}},
+        return []
+    return [(out / "raw" / "parts" / (run_key(mode, temp, {
+        **common, "items": [r["id"] for r in chunk], "part": [j, len(chunks)]}) + ".json"),
+        chunk) for j, chunk in enumerate(chunks)]
+
+
+def _run_part(parts: list[tuple[Path, list[dict]]], j: int, mode: Mode, model: str,
+              conc: int, args, what: str) -> dict:
+    """Part j of a mode: from its cache file, else run and cached there."""
+    from fly_vllm.bench.offline import run_mode
+
+    path, chunk = parts[j]
+    label = f"{what}, part {j + 1}/{len(parts)} ({len(chunk)} items)"
+    if path.exists():
+        print(f"{label}: reusing parts/{path.name}", file=sys.stderr, flush=True)
+        return json.loads(path.read_text())["run"]
+    print(label, file=sys.stderr, flush=True)
+    path.parent.mkdir(exist_ok=True)
+    run = run_mode(_job(model, mode, chunk, conc, args), log_path=str(path.with_suffix(".log")))
+    path.write_text(json.dumps({"mode": mode.name, "part": [j, len(parts)], "run": run}))
+    return run
+
+
+def _run_offline(out: Path, raw: Path, mode: Mode, temp: float, common: dict, model: str,
+                 reqs: list[dict], conc: int, args, what: str) -> dict:
+    """One mode's run, in parts of --part-size items where asked (each part
+    cached as raw/parts/<part key>.json and reused on resume), else in one go."""
+    from fly_vllm.bench.offline import run_mode
+    from fly_vllm.bench.parts import merge_runs
+
+    parts = _parts(out, mode, temp, common, reqs, conc, args)
+    if not parts:
+        return run_mode(_job(model, mode, reqs, conc, args),
                         log_path=str(out / "raw" / f"{raw.stem}.log"))
-    runs = []
-    for j, chunk in enumerate(chunks):
-        key = run_key(mode, temp, {**common, "items": [r["id"] for r in chunk],
-                                    "part": [j, len(chunks)]})
-        part = out / "raw" / "parts" / f"{key}.json"
-        label = f"{what}, part {j + 1}/{len(chunks)} ({len(chunk)} items)"
-        if part.exists():
-            print(f"{label}: reusing parts/{part.name}", file=sys.stderr, flush=True)
-            runs.append(json.loads(part.read_text())["run"])
-            continue
-        print(label, file=sys.stderr, flush=True)
-        part.parent.mkdir(exist_ok=True)
-        run = run_mode({"model": model, "spec": mode.spec, "requests": chunk,
-                        "concurrency": conc, "progress": True,
-                        "engine": {"max_num_seqs": conc, **args.engine}},
-                       log_path=str(part.with_suffix(".log")))
-        part.write_text(json.dumps({"mode": mode.name, "part": [j, len(chunks)],
-                                    "of": raw.stem, "run": run}))
-        runs.append(run)
-    return merge_runs(runs)
+    return merge_runs([_run_part(parts, j, mode, model, conc, args, what)
+                       for j in range(len(parts))])
+
+
+def _cached_parts(parts: list[tuple[Path, list[dict]]]) -> dict | None:
+    """--cached-only: the parts of an unfinished mode that have run, merged
+    (None if none has)."""
+    from fly_vllm.bench.parts import merge_runs
+
+    done = [json.loads(p.read_text())["run"] for p, _ in parts if p.exists()]
+    return merge_runs(done) if done else None
 
 
 def parse_limit(text: str) -> dict[str, int]:
@@ -216,6 +241,10 @@ def parse_args(argv):
                     "own engine run cached under OUT/raw, so a stopped run resumes "
                     "from its last finished part (for quality runs: a part's tail "
                     "runs below the concurrency, so timings are not comparable)")
+    ap.add_argument("--part-order", choices=("mode", "part"), default="mode",
+                    help="with --part-size: 'mode' runs each mode's parts in turn; "
+                    "'part' the first part of every mode, then the second, ..., so a "
+                    "stopped run has every mode on the same first items (default mode)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")],
                     default=[0.0, 1.0])
@@ -294,15 +323,34 @@ def main(argv: list[str] | None = None) -> int:
                 out.append(it)
         return out
 
+    def plan(temp: float, conc: int) -> tuple[list[dict], dict]:
+        conc_items = items_at(conc)
+        reqs = build_requests(conc_items, args.max_tokens, temp)
+        common = {"model": model, "items": [it.id for it in conc_items],
+                  "max_tokens": args.max_tokens, "concurrency": conc, "engine": args.engine}
+        if args.part_size and not args.server:
+            common["part_size"] = args.part_size
+        return reqs, common
+
+    partial_modes: dict[tuple[str, float, int], dict] = {}
+    if args.part_order == "part" and not (args.server or args.cached_only):
+        # The first part of every mode, then the second, ...: a run stopped
+        # early has every mode on the same first items. The loop below then
+        # finds every part cached.
+        for temp in args.temperatures:
+            for conc in concs:
+                reqs, common = plan(temp, conc)
+                todo = [(m, _parts(out, m, temp, common, reqs, conc, args)) for m in modes
+                        if not (out / "raw" / f"{run_key(m, temp, common)}.json").exists()]
+                for j in range(max((len(p) for _, p in todo), default=0)):
+                    for m, parts in todo:
+                        if j < len(parts):
+                            _run_part(parts, j, m, model, conc, args,
+                                      f"{m.name}, T={temp:g}, {conc} at once")
+
     for temp in args.temperatures:
         for conc in concs:
-            conc_items = items_at(conc)
-            reqs = build_requests(conc_items, args.max_tokens, temp)
-            common = {"model": model, "items": [it.id for it in conc_items],
-                      "max_tokens": args.max_tokens, "concurrency": conc,
-                      "engine": args.engine}
-            if args.part_size and not args.server:
-                common["part_size"] = args.part_size
+            reqs, common = plan(temp, conc)
             for mode in modes:
                 n += 1
                 what = f"[{n}/{total}] {mode.name}, T={temp:g}, {conc} at once"
@@ -312,8 +360,19 @@ def main(argv: list[str] | None = None) -> int:
                     runs[(mode.name, temp, conc)] = json.loads(raw.read_text())["run"]
                     continue
                 if args.cached_only:
-                    print(f"{what}: not run yet, left out (--cached-only)", file=sys.stderr,
-                          flush=True)
+                    parts = [] if args.server else _parts(out, mode, temp, common, reqs,
+                                                          conc, args)
+                    partial = _cached_parts(parts)
+                    if partial is None:
+                        print(f"{what}: not run yet, left out (--cached-only)",
+                              file=sys.stderr, flush=True)
+                        continue
+                    print(f"{what}: not finished, scored on the {len(partial['results'])} "
+                          f"items of its {partial['parts']} finished parts (--cached-only)",
+                          file=sys.stderr, flush=True)
+                    runs[(mode.name, temp, conc)] = partial
+                    partial_modes[(mode.name, temp, conc)] = {"parts": partial["parts"],
+                                                              "of": len(parts)}
                     continue
                 print(what, file=sys.stderr, flush=True)
                 t0 = time.time()
@@ -346,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                 for d, m in metrics.items():
                     table.append({"mode": mode.name, "temperature": temp, "concurrency": conc,
                                   "dataset": d, "threshold": mode.threshold,
-                                  "window": mode.window, "spec": mode.spec, "metrics": m})
+                                  "window": mode.window, "spec": mode.spec, "metrics": m,
+                                  **({"unfinished": partial_modes[(mode.name, temp, conc)]}
+                                     if (mode.name, temp, conc) in partial_modes else {})})
     (out / "results.json").write_text(json.dumps(
         {"environment": env, "settings": settings, "table": table}, indent=1))
     write_report(out, env, settings, table)

@@ -25,6 +25,13 @@ def _flips(m: dict) -> str:
     return f"{f['right_to_wrong']} / {f['wrong_to_right']} (p={f['mcnemar_p']:.2g})"
 
 
+def _mode(r: dict) -> str:
+    """The mode's name, and for a mode scored before all its parts ran
+    (--cached-only), how many had."""
+    u = r.get("unfinished")
+    return r["mode"] + (f" ({u['parts']} of {u['of']} parts)" if u else "")
+
+
 def write_report(out: Path, env: dict, settings: dict, table: list[dict]) -> None:
     lines = ["# fly-vllm benchmark", "",
              f"- command: `{env['command']}`", f"- date: {env['date']}",
@@ -60,7 +67,7 @@ def write_report(out: Path, env: dict, settings: dict, table: list[dict]) -> Non
             m = r["metrics"]
             q = m["tpot_ms_q"]
             lines.append(
-                f"| {r['dataset']} | {r['mode']} | {r.get('concurrency', 1)} | "
+                f"| {r['dataset']} | {_mode(r)} | {r.get('concurrency', 1)} | "
                 f"{_fmt(m['tok_s'], '{:.1f}')} | "
                 f"{_fmt(m.get('speedup'))}x | {_fmt(q[1], '{:.1f}')} [{_fmt(q[0], '{:.1f}')}, "
                 f"{_fmt(q[2], '{:.1f}')}] | {_fmt(m['mean_accepted_length'])} | "
@@ -94,7 +101,7 @@ def _changes_table(rows: list[dict]) -> list[str]:
             agree = (f"{m['answer_agreement_k']}/{m['n']} = {m['answer_agreement']:.3f} "
                      f"[{lo:.3f}, {hi:.3f}]")
         lines.append(
-            f"| {r['dataset']} | {r['mode']} | {r.get('concurrency', 1)} | "
+            f"| {r['dataset']} | {_mode(r)} | {r.get('concurrency', 1)} | "
             f"{_fmt(m.get('output_tokens_mean'), '{:.0f}')} | "
             f"{_fmt(m.get('output_length_ratio'))} | {_fmt(m.get('capped'), '{:.1%}')} | "
             f"{_fmt(m.get('identical'), '{:.1%}')} | {part} | {agree} |")
