@@ -69,7 +69,9 @@ def points_of(run_dir: Path, set_name: str) -> tuple[list[dict], dict]:
     for mode, rows in by_mode.items():
         ds = {r["dataset"]: r["metrics"] for r in rows}
         points.append({"name": mode, "set": set_name, "settings": settings_of(rows[0]["spec"]),
-                       "datasets": ds, "mean_accepted_length": _pooled_length(rows)})
+                       "datasets": ds, "mean_accepted_length": _pooled_length(rows),
+                       **({"unfinished": rows[0]["unfinished"]}
+                          if rows[0].get("unfinished") else {})})
     return points, res
 
 
@@ -86,7 +88,10 @@ def describe(p: dict) -> dict:
            "mean_accepted_length": p["mean_accepted_length"],
            "mean_accepted_length_by_dataset": {
                d: m.get("mean_accepted_length") for d, m in p["datasets"].items()},
-           "gain_over_strict": p.get("gain_over_strict")}
+           "gain_over_strict": p.get("gain_over_strict"),
+           "items": {d: m.get("n") for d, m in p["datasets"].items()}}
+    if p.get("unfinished"):
+        out["unfinished"] = p["unfinished"]  # scored on its first parts only
     if "answer_agreement" in g:
         lo, hi = g["answer_agreement_exact_ci"]
         out.update(agreement=g["answer_agreement"], agreement_lower95=lo,
@@ -303,6 +308,11 @@ def divergence_profile(run_dir: Path, tokenizer=None) -> dict[str, dict]:
     from fly_vllm.bench.scoring import first_difference, gsm8k_correct, gsm8k_extract
 
     raws = [json.loads(p.read_text()) for p in sorted((run_dir / "raw").glob("*.json"))]
+    finished = {r["mode"] for r in raws}
+    # Modes still running in parts, as the harness's --cached-only last scored them.
+    raws += [r for r in (json.loads(p.read_text()) for p in
+                         sorted((run_dir / "raw" / "unfinished").glob("*.json")))
+             if r["mode"] not in finished]
     by = {r["mode"]: {x["id"]: x for x in r["run"]["results"] if x["group"] == "gsm8k"}
           for r in raws if r["temperature"] == 0}
     refs = gsm8k_references(run_dir, set().union(*by.values()))
@@ -465,8 +475,10 @@ def table(points: list[dict]) -> list[str]:
         lr = p["output_length_ratio_by_dataset"]
         ident = p["identical"]
         fp = p["first_parting_median"]
+        u = p.get("unfinished")
+        name = p["name"] + (f" ({u['parts']} of {u['of']} parts)" if u else "")
         lines.append(
-            f"| {p['name']} | {p['set']} | {_f(p['mean_accepted_length'])} | "
+            f"| {name} | {p['set']} | {_f(p['mean_accepted_length'])} | "
             f"{_f(p.get('gain_over_strict'), '{:.3f}x')} | {agree} | {ret('gsm8k')} | "
             f"{ret('humaneval')} | {_f(lr.get('gsm8k'))} / {_f(lr.get('humaneval'))} | "
             f"{_f(p['capped'].get('gsm8k'), '{:.1%}')} | "
@@ -505,7 +517,10 @@ def main(argv=None) -> int:
     raw_sets = {"calibration": screen, **({"evaluation": ev} if args.eval else {})}
     by_name = {name: next((p["datasets"] for p in pts if p["settings"] is None), {})
                for name, pts in raw_sets.items()}
-    best = pick_best(evaluated, args.agreement)
+    # No best while the evaluation is unfinished: its points are then scored
+    # on their first items only, and not all on the same number of them.
+    pending = [p["name"] for p in evaluated if p.get("unfinished")]
+    best = None if pending else pick_best(evaluated, args.agreement)
     items = lambda res: res["settings"]["items"] if res else {}  # noqa: E731
     strict_rows = [p for p in evaluated or sets["calibration"]
                    if p["settings"] and p["settings"].get("strict")]
@@ -526,6 +541,7 @@ def main(argv=None) -> int:
                     **{k: v for k, v in p.items() if k.startswith("tok_s")}}
                    for pts in sets.values() for p in pts if p["settings"] is None],
         "best": best,
+        **({"evaluation_unfinished": pending} if pending else {}),
         "screen_pareto": [p["name"] for p in pareto(sets["calibration"])],
         "points": [p for pts in sets.values() for p in pts if p["settings"] is not None],
         "sources": {"screen": str(args.screen), "eval": str(args.eval) if args.eval else None,

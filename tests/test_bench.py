@@ -462,3 +462,10 @@ def test_parts_in_part_order_and_unfinished_modes_scored(tmp_path, monkeypatch, 
     assert rows["strict"]["metrics"]["retention"] == 1.0
     assert "| gsm8k | strict (1 of 2 parts) |" in (out / "report.md").read_text()
     assert len(calls) == 3  # --cached-only ran nothing
+    # The unfinished modes are left for readers of raw/ apart from the
+    # finished ones, and cleared by the next call.
+    left = {json.loads(p.read_text())["mode"] for p in (out / "raw" / "unfinished").iterdir()}
+    assert left == {"no-spec", "strict"} and not list((out / "raw").glob("*.json"))
+    assert harness.main(argv) == 0
+    assert not list((out / "raw" / "unfinished").iterdir())
+    assert len(list((out / "raw").glob("*.json"))) == 2

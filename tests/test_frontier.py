@@ -127,6 +127,18 @@ def test_divergence_profile_splits_by_the_targets_own_answer(tmp_path):
     row = frontier.profile_table({"loose": prof}, "calibration")[-2]
     assert row.endswith("| 1/2 (0) | 2/2 (2) |")
 
+    # A mode still running in parts is read from raw/unfinished/ (as the
+    # harness's --cached-only left it), unless it has finished since.
+    (tmp_path / "raw" / "unfinished").mkdir()
+    for mode in ("loose", "later"):
+        res = [{"id": "gsm8k-0", "group": "gsm8k", "token_ids": [1, 2, 9], "text": "#### 5"}]
+        (tmp_path / "raw" / "unfinished" / f"{mode}.json").write_text(json.dumps(
+            {"mode": mode, "temperature": 0, "unfinished": {"parts": 1, "of": 4},
+             "run": {"results": res}}))
+    profs = frontier.divergence_profile(tmp_path)
+    assert profs["loose"] == prof
+    assert (profs["later"]["n"], profs["later"]["parted"]) == (1, 1)
+
 
 def test_point_labels_name_thresholds_and_unusual_windows():
     s = frontier.settings_of
@@ -137,3 +149,41 @@ def test_point_labels_name_thresholds_and_unusual_windows():
         "strict_prefix_tokens": 128}})) == "0.6/0.7 W3 N128"
     assert frontier.point_label(s({"num_speculative_tokens": 8,
                                    "fly": {"entropy_threshold": 0.9}})) == "0.9"
+
+
+def test_no_best_while_the_evaluation_is_unfinished(tmp_path):
+    """An evaluation scored before all its parts ran: its points say so, in
+    summary.json and tables.md, and no best is chosen from them."""
+    def results(d, rows):
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({
+            "settings": {"items": {"gsm8k": 4}, "skipped": None, "model": str(d / "none")},
+            "environment": {"machine": "test"}, "table": rows}))
+
+    def row(mode, spec, length, agree, **extra):
+        m = {"n": 4, "mean_accepted_length": length, "answer_agreement": agree,
+             "answer_agreement_exact_ci": [agree - 0.2, 1.0], "answer_agreement_k": 4,
+             "output_length_ratio": 1.0}
+        return {"mode": mode, "temperature": 0, "dataset": "gsm8k", "spec": spec,
+                "metrics": m, **extra}
+
+    strict = {"num_speculative_tokens": 4, "fly": {"strict": True}}
+    loose = {"num_speculative_tokens": 4, "fly": {"gate": "margin", "margin": 0.1,
+                                                   "window": 2}}
+    results(tmp_path / "screen", [row("no-spec", None, None, 1.0),
+                                  row("strict K4", strict, 4.0, 1.0),
+                                  row("margin 0.1 K4 W2", loose, 4.4, 0.98)])
+    results(tmp_path / "eval", [row("no-spec", None, None, 1.0),
+                                row("strict K4", strict, 4.0, 1.0),
+                                row("margin 0.1 K4 W2", loose, 4.4, 0.98,
+                                    unfinished={"parts": 1, "of": 5})])
+    out = tmp_path / "out"
+    assert frontier.main(["--screen", str(tmp_path / "screen"), "--eval",
+                          str(tmp_path / "eval"), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best"] is None
+    assert summary["evaluation_unfinished"] == ["margin 0.1 K4 W2"]
+    (ev,) = [p for p in summary["points"] if p["set"] == "evaluation"
+             and p["name"] == "margin 0.1 K4 W2"]
+    assert ev["unfinished"] == {"parts": 1, "of": 5} and ev["items"] == {"gsm8k": 4}
+    assert "| margin 0.1 K4 W2 (1 of 5 parts) | evaluation |" in (out / "tables.md").read_text()

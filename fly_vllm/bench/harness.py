@@ -333,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         return reqs, common
 
     partial_modes: dict[tuple[str, float, int], dict] = {}
+    # raw/unfinished/: the unfinished modes as the last --cached-only scored
+    # them; any run or scoring makes the old ones stale.
+    unfinished = out / "raw" / "unfinished"
+    for stale in unfinished.glob("*.json"):
+        stale.unlink()
     if args.part_order == "part" and not (args.server or args.cached_only):
         # The first part of every mode, then the second, ...: a run stopped
         # early has every mode on the same first items. The loop below then
@@ -371,8 +376,14 @@ def main(argv: list[str] | None = None) -> int:
                           f"items of its {partial['parts']} finished parts (--cached-only)",
                           file=sys.stderr, flush=True)
                     runs[(mode.name, temp, conc)] = partial
-                    partial_modes[(mode.name, temp, conc)] = {"parts": partial["parts"],
-                                                              "of": len(parts)}
+                    done = {"parts": partial["parts"], "of": len(parts)}
+                    partial_modes[(mode.name, temp, conc)] = done
+                    # For readers of raw/ (benchmarks/frontier.py); never reused
+                    # as a finished run.
+                    unfinished.mkdir(exist_ok=True)
+                    (unfinished / raw.name).write_text(json.dumps(
+                        {"mode": mode.name, "spec": mode.spec, "temperature": temp,
+                         "concurrency": conc, "unfinished": done, "run": partial}))
                     continue
                 print(what, file=sys.stderr, flush=True)
                 t0 = time.time()
