@@ -258,8 +258,12 @@ def plot(path: Path, sets: dict[str, list[dict]], required: float) -> None:
                         xytext=(4, -10), textcoords="offset points", fontsize=7)
         ax.axhline(required, ls="--", color="tab:red", lw=1, label=f"required {required:g}")
         ax.axvline(1.10, ls=":", color="grey", lw=1, label="1.10x strict")
-        n = next((p.get("agreement_n") for p in pts if p.get("agreement_n")), "?")
-        ax.set(title=f"{name} ({n} GSM8K items)", xlabel="mean accepted length / strict's "
+        ns = sorted({p["agreement_n"] for p in pts if p.get("agreement_n")})
+        n = "?" if not ns else str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+        unfinished = ", unfinished: first parts only" if any(
+            p.get("unfinished") for p in pts) else ""
+        ax.set(title=f"{name} ({n} GSM8K items{unfinished})",
+               xlabel="mean accepted length / strict's "
                "(same K)", ylabel="final-answer agreement with the target")
         ax.legend(fontsize=7, loc="best")
     fig.text(0.5, 0.005, "markers: o K4, s K8, ^ K15; hollow: with a strict prefix; bars: "
