@@ -458,6 +458,8 @@ def _f(x, fmt="{:.2f}") -> str:
 
 
 def table(points: list[dict]) -> list[str]:
+    from fly_vllm.bench.report import parts_note
+
     lines = ["| point | set | mean acc. len | vs strict | GSM8K agreement [exact 95%] | "
              "retention GSM8K [95%] (flips) | retention HumanEval [95%] (flips) | "
              "length ratio GSM8K / HE | capped GSM8K | identical GSM8K / HE | "
@@ -479,8 +481,7 @@ def table(points: list[dict]) -> list[str]:
         lr = p["output_length_ratio_by_dataset"]
         ident = p["identical"]
         fp = p["first_parting_median"]
-        u = p.get("unfinished")
-        name = p["name"] + (f" ({u['parts']} of {u['of']} parts)" if u else "")
+        name = p["name"] + parts_note(p.get("unfinished"))
         lines.append(
             f"| {name} | {p['set']} | {_f(p['mean_accepted_length'])} | "
             f"{_f(p.get('gain_over_strict'), '{:.3f}x')} | {agree} | {ret('gsm8k')} | "

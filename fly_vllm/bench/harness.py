@@ -87,6 +87,10 @@ def warn_bf16_fallback(engine: dict, server: bool = False) -> str | None:
     return None
 
 
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def machine() -> str:
     """Architecture, cores and CPU model, such as "x86_64, 2 cores, AMD EPYC"."""
     cpu = platform.processor()
@@ -111,7 +115,7 @@ def environment(args) -> dict:
     return {
         "cpu_flags": cpu_flags(),
         "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "machine": machine(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "worker_env": _worker_env(),
@@ -168,8 +172,7 @@ def _run_part(parts: list[tuple[Path, list[dict]]], j: int, mode: Mode, model: s
     # where it ran, and when.
     path.write_text(json.dumps({"mode": mode.name, "part": [j, len(parts)],
                                 "machine": machine(), "cpu_flags": cpu_flags(),
-                                "date": dt.datetime.now(dt.timezone.utc).isoformat(
-                                    timespec="seconds"), "run": run}))
+                                "date": utc_now(), "run": run}))
     return run
 
 

@@ -25,11 +25,15 @@ def _flips(m: dict) -> str:
     return f"{f['right_to_wrong']} / {f['wrong_to_right']} (p={f['mcnemar_p']:.2g})"
 
 
+def parts_note(unfinished: dict | None) -> str:
+    """The note after the name of a mode scored before all its parts ran
+    (--cached-only), such as ' (2 of 5 parts)'; '' for a finished mode."""
+    u = unfinished
+    return f" ({u['parts']} of {u['of']} parts)" if u else ""
+
+
 def _mode(r: dict) -> str:
-    """The mode's name, and for a mode scored before all its parts ran
-    (--cached-only), how many had."""
-    u = r.get("unfinished")
-    return r["mode"] + (f" ({u['parts']} of {u['of']} parts)" if u else "")
+    return r["mode"] + parts_note(r.get("unfinished"))
 
 
 def write_report(out: Path, env: dict, settings: dict, table: list[dict]) -> None:
