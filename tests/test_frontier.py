@@ -1,6 +1,7 @@
 """benchmarks/frontier.py: settings from configs, gains over strict at the
 same K, the screen's Pareto front, the choice of the best evaluated point,
-and speed ratios over interleaved rounds."""
+and speed ratios over interleaved rounds (the parting profile and the loose
+budget it reads: test_parting.py)."""
 
 from __future__ import annotations
 
@@ -70,74 +71,6 @@ def test_speed_ratios_take_the_median_over_rounds(tmp_path):
     assert r["m"]["tok_s_vs_strict_at_1"] == pytest.approx(1.1)
     assert r["m"]["tok_s_vs_strict_at_1_rounds"] == pytest.approx([1.1, 1.3, 1.05])
     assert r["strict K8"]["tok_s_vs_target_at_1"] == pytest.approx(2.0)
-
-
-def test_loose_budget_extrapolates_a_points_own_rates():
-    # 300 tokens an output; strict 4.0, the point 4.4 tokens a step with 3
-    # loose accepts an output: steps fall by 1 - 4/4.4 = 1/11, 300/11 tokens'
-    # worth, so one accept saves 300/33 tokens, and 1.10x (1/11 of steps)
-    # needs exactly the 3 it has. Half the outputs part, a fifth of those
-    # change the answer: 0.97 lets 15% part, at 6 accepts per parted output
-    # 0.9 accepts, which gives 1 / (1 - 0.9 / 33).
-    b = frontier.loose_budget(300, 4.0, 4.4, 3.0, 0.5, 0.2)
-    assert b["tokens_per_loose_accept"] == pytest.approx(300 / 33)
-    assert b["loose_accepts_needed"] == pytest.approx(3.0)
-    assert b["parted_share_allowed"] == pytest.approx(0.15)
-    assert b["loose_accepts_allowed"] == pytest.approx(0.9)
-    assert b["gain_at_allowed"] == pytest.approx(1 / (1 - 0.9 / 33))
-    # No gain, no parting or no changed answer: nothing to extrapolate.
-    assert frontier.loose_budget(300, 4.0, 3.9, 3.0, 0.5, 0.2) is None
-    assert frontier.loose_budget(300, 4.0, 4.4, 0.0, 0.0, 0.2) is None
-    assert frontier.loose_budget(300, 4.0, 4.4, 3.0, 0.5, 0.0) is None
-    # An agreement every parting can afford lets every output part.
-    assert frontier.loose_budget(300, 4.0, 4.4, 3.0, 0.5, 0.02)["parted_share_allowed"] == 1.0
-    lines = frontier.budget_table({"m": b})
-    assert "| m | 9.1 | 3.0 | 15% | 0.90 | 1.028x |" in lines
-
-
-def test_divergence_profile_splits_by_the_targets_own_answer(tmp_path):
-    data = tmp_path / "gsm.jsonl"
-    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"s\n#### {i}"}) + "\n"
-                            for i in range(4)))
-    (tmp_path / "raw").mkdir()
-    (tmp_path / "results.json").write_text(json.dumps({"settings": {"data": str(data)}}))
-
-    def raw(name, mode, outs):
-        res = [{"id": f"gsm8k-{i}", "group": "gsm8k", "token_ids": ids,
-                "text": f"#### {ans}", "fly_stats": {"loose_accepted_tokens": n}}
-               for i, (ids, ans, n) in enumerate(outs)]
-        (tmp_path / "raw" / f"{name}.json").write_text(json.dumps(
-            {"mode": mode, "temperature": 0, "run": {"results": res}}))
-
-    # The target is right on items 0 and 1, wrong on 2 and 3.
-    raw("a", "no-spec", [([1, 2, 3], 0, 0), ([1, 2, 3], 1, 0),
-                         ([1, 2, 3], 9, 0), ([1, 2, 3], 9, 0)])
-    # The loose mode parts on items 1 (same answer), 2 (new answer) and 3
-    # (new answer), at tokens 2, 0 and 1.
-    raw("b", "loose", [([1, 2, 3], 0, 0), ([1, 2, 4], 1, 1),
-                       ([5, 2, 3], 2, 1), ([1, 6, 3], 7, 2)])
-    prof = frontier.divergence_profile(tmp_path)["loose"]
-    assert (prof["n"], prof["parted"], prof["answer_changed"]) == (4, 3, 2)
-    assert prof["changed_given_parted"] == pytest.approx(2 / 3)
-    assert prof["by_target"] == {"right": {"n": 2, "parted": 1, "answer_changed": 0},
-                                 "wrong": {"n": 2, "parted": 2, "answer_changed": 2}}
-    assert prof["by_first_parting"][0] == {"from": 0, "to": 32, "parted": 3,
-                                           "answer_changed": 2}
-    assert prof["loose_accepts_per_output"] == 1.0
-    row = frontier.profile_table({"loose": prof}, "calibration")[-2]
-    assert row.endswith("| 1/2 (0) | 2/2 (2) |")
-
-    # A mode still running in parts is read from raw/unfinished/ (as the
-    # harness's --cached-only left it), unless it has finished since.
-    (tmp_path / "raw" / "unfinished").mkdir()
-    for mode in ("loose", "later"):
-        res = [{"id": "gsm8k-0", "group": "gsm8k", "token_ids": [1, 2, 9], "text": "#### 5"}]
-        (tmp_path / "raw" / "unfinished" / f"{mode}.json").write_text(json.dumps(
-            {"mode": mode, "temperature": 0, "unfinished": {"parts": 1, "of": 4},
-             "run": {"results": res}}))
-    profs = frontier.divergence_profile(tmp_path)
-    assert profs["loose"] == prof
-    assert (profs["later"]["n"], profs["later"]["parted"]) == (1, 1)
 
 
 def test_point_labels_name_thresholds_and_unusual_windows():
