@@ -10,7 +10,8 @@
 #         and all 164 HumanEval problems; the target alone, strict at each K
 #         used and the points of frontier_points/eval.json, chosen on the screen,
 #         in the file's order, in parts of EVAL_PART items, each cached: part 1 of
-#         every mode, then part 2, ... (EVAL_CACHED=1 scores what has run)
+#         every mode, then part 2, ..., the parts in EVAL_FIRST first
+#         (EVAL_CACHED=1 scores what has run)
 # speed   one request at a time (and SPEED_AT at once) on SPEED_N GSM8K items
 #         of the evaluation set, ROUNDS interleaved rounds (each a fresh folder)
 # report  benchmarks/frontier.py: summary.json, frontier.png, tables.md
@@ -31,6 +32,9 @@ SCREEN_N=${SCREEN_N:-100}
 EVAL_SKIP=${EVAL_SKIP:-1000}
 EVAL_N=${EVAL_N:-500}
 EVAL_PART=${EVAL_PART:-133}   # items per engine run: a stopped eval resumes per part
+# Parts to run first: 5 (HumanEval 32-163) and 4 (GSM8K 1399-1499, HumanEval
+# 0-31) before 3, so that HumanEval is measured before the last GSM8K items.
+EVAL_FIRST=${EVAL_FIRST:-1,2,5,4}
 SPEED_N=${SPEED_N:-16}
 SPEED_AT=${SPEED_AT:-4}
 SPEED_TOKENS=${SPEED_TOKENS:-256}
@@ -61,7 +65,7 @@ fi
 eval_args=("${quality[@]}" --out "$out/eval"
            --datasets gsm8k,humaneval --limit "gsm8k=$EVAL_N,humaneval=164"
            --skip "gsm8k=$EVAL_SKIP" --modes nospec,points --points "$pts/eval.json"
-           --part-size "$EVAL_PART" --part-order part)
+           --part-size "$EVAL_PART" --part-order part --parts-first "$EVAL_FIRST")
 if step eval; then
   $py benchmarks/run_bench.py "${eval_args[@]}"
 fi

@@ -458,7 +458,7 @@ def test_parts_in_part_order_and_unfinished_modes_scored(tmp_path, monkeypatch, 
     assert err.count("not finished, scored on the 2 items of its 1 finished parts") == 2
     res = json.loads((out / "results.json").read_text())
     rows = {r["mode"]: r for r in res["table"]}
-    assert rows["strict"]["unfinished"] == {"parts": 1, "of": 2}
+    assert rows["strict"]["unfinished"] == {"parts": 1, "of": 2, "which": [1]}
     assert rows["strict"]["metrics"]["n"] == 2
     # Only gsm8k-0 is right ("#### 0"): the same on both, so retention is 1.
     assert rows["strict"]["metrics"]["retention"] == 1.0
@@ -471,3 +471,56 @@ def test_parts_in_part_order_and_unfinished_modes_scored(tmp_path, monkeypatch, 
     assert harness.main(argv) == 0
     assert not list((out / "raw" / "unfinished").iterdir())
     assert len(list((out / "raw").glob("*.json"))) == 2
+
+
+def test_parts_first_runs_the_named_parts_before_the_others(tmp_path, monkeypatch, capsys):
+    """--parts-first 3 with --part-order part: part 3 of every mode, then
+    parts 1 and 2; the parts (and their cache keys) are those of a plain run,
+    and a mode scored on part 3 alone says which part it is."""
+    from fly_vllm.bench import harness, offline
+
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text("".join(json.dumps({"question": f"What is {i} + {i}?",
+                                       "answer": f"...\n#### {2 * i}"}) + "\n"
+                           for i in range(3)))
+    calls: list[tuple[bool, list[str]]] = []
+    stop_at = [3]
+
+    def fake_run_mode(job, *, env=None, log_path=None):
+        ids = [r["id"] for r in job["requests"]]
+        calls.append((job["spec"] is None, ids))
+        if len(calls) == stop_at[0]:
+            raise RuntimeError("engine stopped")
+        return {"elapsed": 1.0, "counters": {}, "group_counters": {"gsm8k": {}},
+                "group_elapsed": {"gsm8k": 1.0},
+                "results": [{"id": i, "group": "gsm8k", "token_ids": [1, 2],
+                             "finish_reason": "stop", "text": "#### 0"} for i in ids]}
+
+    monkeypatch.setattr(offline, "run_mode", fake_run_mode)
+    out = tmp_path / "out"
+    argv = ["--model", str(tmp_path / "m"), "--datasets", "gsm8k", "--data", str(gsm),
+            "--temperatures", "0", "--concurrency", "2", "--modes", "nospec,strict",
+            "-k", "2", "--part-size", "1", "--part-order", "part", "--out", str(out)]
+    with pytest.raises(RuntimeError):
+        harness.main(argv + ["--parts-first", "3"])
+    assert calls == [(True, ["gsm8k-2"]), (False, ["gsm8k-2"]), (True, ["gsm8k-0"])]
+    capsys.readouterr()
+    assert harness.main(argv + ["--cached-only"]) == 0
+    rows = {r["mode"]: r for r in json.loads((out / "results.json").read_text())["table"]}
+    assert rows["strict"]["unfinished"] == {"parts": 1, "of": 3, "which": [3]}
+    assert rows["no-spec"]["unfinished"]["which"] == [3]
+    assert "| gsm8k | strict (parts 3 of 3) |" in (out / "report.md").read_text()
+    # Without --parts-first the same part files are found and reused.
+    calls.clear()
+    stop_at[0] = None
+    assert harness.main(argv) == 0
+    assert calls == [(True, ["gsm8k-0"]), (False, ["gsm8k-0"]),
+                     (True, ["gsm8k-1"]), (False, ["gsm8k-1"])]
+    # Bad part numbers: a clear error before anything runs.
+    for bad in ("0", "2,2", "x"):
+        with pytest.raises(SystemExit):
+            harness.main(argv + ["--parts-first", bad])
+    assert "--parts-first takes distinct part numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="the run has 3 parts"):
+        harness.main(argv + ["--out", str(tmp_path / "new"), "--parts-first", "4"])
+    assert len(calls) == 4

@@ -191,6 +191,28 @@ def _run_offline(out: Path, raw: Path, mode: Mode, temp: float, common: dict, mo
                        for j in range(len(parts))])
 
 
+def _part_numbers(text: str) -> list[int]:
+    """'1,2,5' -> [1, 2, 5] (--parts-first)."""
+    try:
+        nums = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        nums = []
+    if not nums or min(nums) < 1 or len(set(nums)) != len(nums):
+        raise argparse.ArgumentTypeError(
+            f"--parts-first takes distinct part numbers from 1, such as '1,2,5'; got {text!r}")
+    return nums
+
+
+def part_sequence(n: int, first: list[int]) -> list[int]:
+    """The 0-based order to run n parts in: ``first`` (1-based) before the
+    rest, which keep their order."""
+    if any(j > n for j in first):
+        raise SystemExit(f"--parts-first {','.join(map(str, first))}: the run has "
+                         f"{n} parts of --part-size items")
+    head = [j - 1 for j in first]
+    return head + [j for j in range(n) if j not in head]
+
+
 def _cached_parts(parts: list[tuple[Path, list[dict]]]) -> dict | None:
     """--cached-only: the parts of an unfinished mode that have run, merged
     (None if none has)."""
@@ -258,6 +280,10 @@ def parse_args(argv):
                     help="with --part-size: 'mode' runs each mode's parts in turn; "
                     "'part' the first part of every mode, then the second, ..., so a "
                     "stopped run has every mode on the same first items (default mode)")
+    ap.add_argument("--parts-first", type=_part_numbers, default=[],
+                    help="with --part-order part: run these parts (1-based, such as "
+                    "'1,2,5') before the others, which follow in order; the parts "
+                    "themselves, and so their caches, do not change")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")],
                     default=[0.0, 1.0])
@@ -360,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                 reqs, common = plan(temp, conc)
                 todo = [(m, _parts(out, m, temp, common, reqs, conc, args)) for m in modes
                         if not (out / "raw" / f"{run_key(m, temp, common)}.json").exists()]
-                for j in range(max((len(p) for _, p in todo), default=0)):
+                for j in part_sequence(max((len(p) for _, p in todo), default=0),
+                                       args.parts_first):
                     for m, parts in todo:
                         if j < len(parts):
                             _run_part(parts, j, m, model, conc, args,
@@ -389,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"items of its {partial['parts']} finished parts (--cached-only)",
                           file=sys.stderr, flush=True)
                     runs[(mode.name, temp, conc)] = partial
-                    done = {"parts": partial["parts"], "of": len(parts)}
+                    done = {"parts": partial["parts"], "of": len(parts),
+                            "which": [j + 1 for j, (p, _) in enumerate(parts) if p.exists()]}
                     partial_modes[(mode.name, temp, conc)] = done
                     # For readers of raw/ (benchmarks/frontier.py); never reused
                     # as a finished run.

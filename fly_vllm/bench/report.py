@@ -27,9 +27,15 @@ def _flips(m: dict) -> str:
 
 def parts_note(unfinished: dict | None) -> str:
     """The note after the name of a mode scored before all its parts ran
-    (--cached-only), such as ' (2 of 5 parts)'; '' for a finished mode."""
+    (--cached-only), such as ' (2 of 5 parts)', or ' (parts 1, 2, 5 of 5)'
+    where those run are not the first ones; '' for a finished mode."""
     u = unfinished
-    return f" ({u['parts']} of {u['of']} parts)" if u else ""
+    if not u:
+        return ""
+    which = u.get("which")
+    if which and which != list(range(1, len(which) + 1)):
+        return f" (parts {', '.join(map(str, which))} of {u['of']})"
+    return f" ({u['parts']} of {u['of']} parts)"
 
 
 def _mode(r: dict) -> str:
