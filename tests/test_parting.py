@@ -77,3 +77,30 @@ def test_divergence_profile_splits_by_the_targets_own_answer(tmp_path):
     profs = parting.divergence_profile(tmp_path)
     assert profs["loose"] == prof
     assert (profs["later"]["n"], profs["later"]["parted"]) == (1, 1)
+
+
+def test_separation_is_the_chance_a_harmful_parting_ranks_above_a_harmless_one():
+    # Every changed value above every kept one: 1; all below: 0; ties half.
+    assert parting.separation([3.0, 4.0], [1.0, 2.0]) == 1.0
+    assert parting.separation([1.0], [2.0, 3.0]) == 0.0
+    assert parting.separation([1.0, 2.0], [1.0, 2.0]) == 0.5
+    # 2 > 1 and 2 = 2 against [1, 2], 0 < both: (1 + 0.5 + 0) / 4.
+    assert parting.separation([2.0, 0.0], [1.0, 2.0]) == pytest.approx(0.375)
+    assert parting.separation([], [1.0]) is None and parting.separation([1.0], []) is None
+
+
+def test_gap_summary_splits_partings_by_whether_the_answer_changed():
+    rows = [{"gap_nats": 0.1, "target_top_logprob": -0.9, "answer_changed": True},
+            {"gap_nats": 0.5, "target_top_logprob": -0.3, "answer_changed": True},
+            {"gap_nats": 0.2, "target_top_logprob": -0.5, "answer_changed": False},
+            {"target_top_logprob": -0.2, "answer_changed": False},  # below the top read
+            {"gap_nats": 9.0, "answer_changed": None}]  # not GSM8K: left out
+    s = parting.gap_summary(rows)
+    assert (s["partings"], s["changed"], s["beyond_top"]) == (4, 2, 1)
+    assert s["gap"]["separation"] == pytest.approx(0.5)  # 0.1 < 0.2 < 0.5
+    assert s["gap"]["kept_quartiles"] == [0.2, 0.2, 0.2]
+    assert s["gap"]["changed_quartiles"][1] in (0.1, 0.5)
+    # The changed partings were where the target was less sure: -0.9 and -0.3
+    # against -0.5 and -0.2 (1 of 4 pairs above, none tied).
+    assert s["top_logprob"]["separation"] == pytest.approx(0.25)
+    assert parting.gap_summary([])["gap"]["separation"] is None

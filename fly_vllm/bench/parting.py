@@ -28,6 +28,18 @@ def token_kind(text: str) -> str:
     return "word"
 
 
+def harness_raws(run_dir: Path) -> list[dict]:
+    """Every mode's run in a harness folder's ``raw/``, and the modes still
+    running in parts as the harness's --cached-only last scored them
+    (``raw/unfinished/``), unless they have finished since."""
+    raws = [json.loads(p.read_text()) for p in sorted((run_dir / "raw").glob("*.json"))]
+    finished = {r["mode"] for r in raws}
+    raws += [r for r in (json.loads(p.read_text()) for p in
+                         sorted((run_dir / "raw" / "unfinished").glob("*.json")))
+             if r["mode"] not in finished]
+    return raws
+
+
 def gsm8k_references(run_dir: Path, ids: set[str]) -> dict[str, str]:
     """Item id -> GSM8K reference answer for ``ids``, from the dataset file
     the run used."""
@@ -52,12 +64,7 @@ def divergence_profile(run_dir: Path, tokenizer=None) -> dict[str, dict]:
     splits both by whether the target's own answer was right."""
     from fly_vllm.bench.scoring import first_difference, gsm8k_correct, gsm8k_extract
 
-    raws = [json.loads(p.read_text()) for p in sorted((run_dir / "raw").glob("*.json"))]
-    finished = {r["mode"] for r in raws}
-    # Modes still running in parts, as the harness's --cached-only last scored them.
-    raws += [r for r in (json.loads(p.read_text()) for p in
-                         sorted((run_dir / "raw" / "unfinished").glob("*.json")))
-             if r["mode"] not in finished]
+    raws = harness_raws(run_dir)
     by = {r["mode"]: {x["id"]: x for x in r["run"]["results"] if x["group"] == "gsm8k"}
           for r in raws if r["temperature"] == 0}
     refs = gsm8k_references(run_dir, set().union(*by.values()))
@@ -198,3 +205,42 @@ def profile_table(profiles: dict[str, dict], set_name: str,
 def dash(x, fmt="{:.2f}") -> str:
     """``fmt`` of ``x``, or a dash for a missing figure."""
     return "–" if x is None else fmt.format(x)
+
+
+def separation(changed: list[float], kept: list[float]) -> float | None:
+    """The chance that a parting which changed the answer has a larger value
+    than one which kept it (ties count half): the area under the ROC curve
+    of the value as a test for harm. 0.5: the value tells them apart no
+    better than a coin; 1: every harmful parting is above every harmless one.
+    None without both kinds."""
+    if not changed or not kept:
+        return None
+    wins = sum((c > k) + 0.5 * (c == k) for c in changed for k in kept)
+    return wins / (len(changed) * len(kept))
+
+
+def _quartiles(xs: list[float]) -> list[float] | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    at = lambda q: s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]  # noqa: E731
+    return [at(0.25), at(0.5), at(0.75)]
+
+
+def gap_summary(rows: list[dict]) -> dict:
+    """Per mode's partings (explain_divergence.py rows with ``gap_nats`` and
+    ``answer_changed``): how far below the target's choice the parting token
+    was, for the partings that changed the final answer and for those that
+    kept it, and how well the gap, or the target's confidence, separates
+    them. A gate that reads the gap (or the confidence) at a mismatch can only
+    keep answers if the harmful partings sit apart from the harmless ones."""
+    scored = [r for r in rows if r.get("answer_changed") is not None]
+    out: dict = {"partings": len(scored),
+                 "changed": sum(1 for r in scored if r["answer_changed"]),
+                 "beyond_top": sum(1 for r in scored if r.get("gap_nats") is None)}
+    for key, name in (("gap_nats", "gap"), ("target_top_logprob", "top_logprob")):
+        ch = [r[key] for r in scored if r["answer_changed"] and r.get(key) is not None]
+        kp = [r[key] for r in scored if not r["answer_changed"] and r.get(key) is not None]
+        out[name] = {"changed_quartiles": _quartiles(ch), "kept_quartiles": _quartiles(kp),
+                     "separation": separation(ch, kp)}
+    return out
