@@ -17,8 +17,8 @@ target's was right, and the report asks whether the gap (how far below the
 target's choice the parting token was) or the target's confidence tells the
 partings that changed an answer from those that did not
 (``fly_vllm.bench.parting.gap_summary``). Writes divergence-MODE.md and
-.json into RUN_DIR (MODE's spaces as dashes); with several modes also divergence-summary.md, .json and
-divergence-gaps.png.
+.json into RUN_DIR (MODE's spaces as dashes); with several modes also
+divergence-summary.md, .json and divergence-gaps.png.
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from pathlib import Path
 
 from fly_vllm.bench import datasets as ds
 from fly_vllm.bench.offline import Progress, worker_env
-from fly_vllm.bench.parting import gap_summary, harness_raws
+from fly_vllm.bench.parting import dash, gap_summary, harness_raws
 from fly_vllm.bench.scoring import (classify_divergence, first_difference, gsm8k_correct,
                                     gsm8k_extract)
 
 
-def _runs(run_dir: Path, mode: str, conc: int | None) -> tuple[dict, dict]:
-    """The target's outputs and the mode's, by item id."""
-    raws = harness_raws(run_dir)  # unfinished modes too, on their finished parts
+def _runs(run_dir: Path, raws: list[dict], mode: str, conc: int | None) -> tuple[dict, dict]:
+    """The target's outputs and the mode's, by item id, from the folder's
+    ``raws`` (parting.harness_raws: unfinished modes too)."""
     concs = sorted({r.get("concurrency", 1) for r in raws})
     if conc is None and len(concs) > 1:
         raise SystemExit(f"{run_dir} holds runs at {concs} requests at once: pick one "
@@ -63,10 +63,6 @@ def _outcome(item, target: dict, other: dict) -> dict:
             "target_right": gsm8k_correct(target["text"], item.reference)}
 
 
-def _f(x, fmt: str = "{:.3f}") -> str:
-    return "–" if x is None else fmt.format(x)
-
-
 def _q(qs) -> str:
     return "–" if not qs else f"{qs[1]:.2f} [{qs[0]:.2f}, {qs[2]:.2f}]"
 
@@ -88,11 +84,12 @@ def _write(args, mode: str, rows: list[dict], n: int) -> dict:
     if summary["partings"]:
         g, t = summary["gap"], summary["top_logprob"]
         lines += [f"GSM8K: {summary['changed']} of {summary['partings']} partings changed the "
-                  f"final answer. Gap (nats), median [quartiles]: changed {_q(g['changed_quartiles'])}, "
+                  "final answer. Gap (nats), median [quartiles]: changed "
+                  f"{_q(g['changed_quartiles'])}, "
                   f"kept {_q(g['kept_quartiles'])}; P(changed gap > kept gap) = "
-                  f"{_f(g['separation'])}. Target's top log-prob: changed "
+                  f"{dash(g['separation'], '{:.3f}')}. Target's top log-prob: changed "
                   f"{_q(t['changed_quartiles'])}, kept {_q(t['kept_quartiles'])}; "
-                  f"P(changed > kept) = {_f(t['separation'])}. 0.5: no separation.", ""]
+                  f"P(changed > kept) = {dash(t['separation'], '{:.3f}')}. 0.5: no separation.", ""]
     lines += ["| item | first differing token | target's token | mode's token | ranks "
               "(target alone, re-run) | gap nats | verdict | answer changed |",
               "|---|---|---|---|---|---|---|---|"]
@@ -100,14 +97,14 @@ def _write(args, mode: str, rows: list[dict], n: int) -> dict:
         lines.append(f"| {r['id']} | {r['position']} | {r.get('target_token', '')!r} | "
                      f"{r.get('mode_token', '')!r} | {r.get('rank_target_token')}, "
                      f"{r.get('rank_mode_token')} | {r.get('gap_nats', float('nan')):.3f} | "
-                     f"{r['kind']} | {_f(r.get('answer_changed'), '{}')} |")
+                     f"{r['kind']} | {dash(r.get('answer_changed'), '{}')} |")
     (args.run_dir / f"divergence-{_slug(mode)}.md").write_text("\n".join(lines) + "\n")
     (args.run_dir / f"divergence-{_slug(mode)}.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines[:6]))
     return summary
 
 
-def _write_summary(args, summaries: dict[str, dict]) -> None:
+def _write_summary(args, summaries: dict[str, dict], rows: dict[str, list[dict]]) -> None:
     """divergence-summary.md/.json, and divergence-gaps.png: the gap of each
     mode's partings, those that changed the answer beside those that kept it."""
     lines = [f"# Does the gap at a parting tell harmful from harmless? (`{args.run_dir}`)", "",
@@ -123,24 +120,23 @@ def _write_summary(args, summaries: dict[str, dict]) -> None:
         g, t = s["gap"], s["top_logprob"]
         lines.append(f"| {mode} | {s['partings']} | {s['changed']} | "
                      f"{_q(g['changed_quartiles'])} | {_q(g['kept_quartiles'])} | "
-                     f"{_f(g['separation'])} | {_q(t['changed_quartiles'])} | "
-                     f"{_q(t['kept_quartiles'])} | {_f(t['separation'])} | {s['beyond_top']} |")
+                     f"{dash(g['separation'], '{:.3f}')} | {_q(t['changed_quartiles'])} | "
+                     f"{_q(t['kept_quartiles'])} | {dash(t['separation'], '{:.3f}')} | "
+                     f"{s['beyond_top']} |")
     lines += ["", f"command: `explain_divergence.py {' '.join(sys.argv[1:])}`"]
     (args.run_dir / "divergence-summary.md").write_text("\n".join(lines) + "\n")
     (args.run_dir / "divergence-summary.json").write_text(json.dumps(summaries, indent=1))
     print("\n".join(lines))
-    _plot(args.run_dir, list(summaries))
+    _plot(args.run_dir, rows)
 
 
-def _plot(run_dir: Path, modes: list[str]) -> None:
+def _plot(run_dir: Path, rows: dict[str, list[dict]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {m: json.loads((run_dir / f"divergence-{_slug(m)}.json").read_text())
-            for m in modes}
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(modes)))
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows)))
     for y, (mode, rs) in enumerate(rows.items()):
         for changed, dy, color in ((False, -0.12, "tab:blue"), (True, 0.12, "tab:red")):
             xs = [r["gap_nats"] for r in rs
@@ -185,7 +181,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     res = json.loads((args.run_dir / "results.json").read_text())
-    runs = {m: _runs(args.run_dir, m, args.concurrency) for m in modes}
+    raws = harness_raws(args.run_dir)
+    runs = {m: _runs(args.run_dir, raws, m, args.concurrency) for m in modes}
     settings = res["settings"]
     items = {}
     skipped = settings.get("skipped") or {}
@@ -229,9 +226,9 @@ def main(argv=None) -> int:
             tops[spot] = sorted(((t, lp.logprob) for t, lp in lps.items()),
                                 key=lambda x: -x[1])[:args.logprobs]
         decode = lambda t: tok.decode([t])  # noqa: E731
-    summaries = {}
+    summaries, rows_of = {}, {}
     for mode, rows_in in todo.items():
-        rows = []
+        rows = rows_of[mode] = []
         for rid, i, b, o in rows_in:
             row = {"id": rid, "position": i, **_outcome(items[rid], b, o)}
             if i is None:
@@ -247,7 +244,7 @@ def main(argv=None) -> int:
             rows.append(row)
         summaries[mode] = _write(args, mode, rows, len(runs[mode][0]))
     if len(modes) > 1:
-        _write_summary(args, summaries)
+        _write_summary(args, summaries, rows_of)
     return 0
 
 

@@ -420,22 +420,24 @@ def test_run_in_parts_resumes_from_the_last_finished_part(tmp_path, monkeypatch,
     assert harness.main(argv) == 0 and calls == []  # the whole mode is cached
 
 
-def test_parts_in_part_order_and_unfinished_modes_scored(tmp_path, monkeypatch, capsys):
-    """--part-order part runs the first part of every mode, then the second;
-    --cached-only scores a mode stopped midway on the items of its finished
-    parts and says so, in the log, results.json and report.md."""
-    from fly_vllm.bench import harness, offline
+def _fake_engine_in_parts(tmp_path, monkeypatch, n_items: int, part_size: int):
+    """A harness call on n_items GSM8K items, the target and strict, 2 at
+    once, in parts of part_size with --part-order part, on a faked engine: it
+    records (is the target, item ids) per run, answers "#### 0", and stops
+    (raises) at the run numbered stop["at"] (3 unless set)."""
+    from fly_vllm.bench import offline
 
     gsm = tmp_path / "gsm.jsonl"
     gsm.write_text("".join(json.dumps({"question": f"What is {i} + {i}?",
                                        "answer": f"...\n#### {2 * i}"}) + "\n"
-                           for i in range(4)))
+                           for i in range(n_items)))
     calls: list[tuple[bool, list[str]]] = []
+    stop = {"at": 3}
 
     def fake_run_mode(job, *, env=None, log_path=None):
         ids = [r["id"] for r in job["requests"]]
         calls.append((job["spec"] is None, ids))
-        if len(calls) == 3:
+        if len(calls) == stop["at"]:
             raise RuntimeError("engine stopped")
         return {"elapsed": 1.0, "counters": {}, "group_counters": {"gsm8k": {}},
                 "group_elapsed": {"gsm8k": 1.0},
@@ -446,7 +448,18 @@ def test_parts_in_part_order_and_unfinished_modes_scored(tmp_path, monkeypatch, 
     out = tmp_path / "out"
     argv = ["--model", str(tmp_path / "m"), "--datasets", "gsm8k", "--data", str(gsm),
             "--temperatures", "0", "--concurrency", "2", "--modes", "nospec,strict",
-            "-k", "2", "--part-size", "2", "--part-order", "part", "--out", str(out)]
+            "-k", "2", "--part-size", str(part_size), "--part-order", "part",
+            "--out", str(out)]
+    return argv, out, calls, stop
+
+
+def test_parts_in_part_order_and_unfinished_modes_scored(tmp_path, monkeypatch, capsys):
+    """--part-order part runs the first part of every mode, then the second;
+    --cached-only scores a mode stopped midway on the items of its finished
+    parts and says so, in the log, results.json and report.md."""
+    from fly_vllm.bench import harness
+
+    argv, out, calls, _ = _fake_engine_in_parts(tmp_path, monkeypatch, 4, 2)
     with pytest.raises(RuntimeError):
         harness.main(argv)
     # Part 1 of the target, part 1 of strict, then part 2 of the target.
@@ -477,30 +490,9 @@ def test_parts_first_runs_the_named_parts_before_the_others(tmp_path, monkeypatc
     """--parts-first 3 with --part-order part: part 3 of every mode, then
     parts 1 and 2; the parts (and their cache keys) are those of a plain run,
     and a mode scored on part 3 alone says which part it is."""
-    from fly_vllm.bench import harness, offline
+    from fly_vllm.bench import harness
 
-    gsm = tmp_path / "gsm.jsonl"
-    gsm.write_text("".join(json.dumps({"question": f"What is {i} + {i}?",
-                                       "answer": f"...\n#### {2 * i}"}) + "\n"
-                           for i in range(3)))
-    calls: list[tuple[bool, list[str]]] = []
-    stop_at = [3]
-
-    def fake_run_mode(job, *, env=None, log_path=None):
-        ids = [r["id"] for r in job["requests"]]
-        calls.append((job["spec"] is None, ids))
-        if len(calls) == stop_at[0]:
-            raise RuntimeError("engine stopped")
-        return {"elapsed": 1.0, "counters": {}, "group_counters": {"gsm8k": {}},
-                "group_elapsed": {"gsm8k": 1.0},
-                "results": [{"id": i, "group": "gsm8k", "token_ids": [1, 2],
-                             "finish_reason": "stop", "text": "#### 0"} for i in ids]}
-
-    monkeypatch.setattr(offline, "run_mode", fake_run_mode)
-    out = tmp_path / "out"
-    argv = ["--model", str(tmp_path / "m"), "--datasets", "gsm8k", "--data", str(gsm),
-            "--temperatures", "0", "--concurrency", "2", "--modes", "nospec,strict",
-            "-k", "2", "--part-size", "1", "--part-order", "part", "--out", str(out)]
+    argv, out, calls, stop = _fake_engine_in_parts(tmp_path, monkeypatch, 3, 1)
     with pytest.raises(RuntimeError):
         harness.main(argv + ["--parts-first", "3"])
     assert calls == [(True, ["gsm8k-2"]), (False, ["gsm8k-2"]), (True, ["gsm8k-0"])]
@@ -512,7 +504,7 @@ def test_parts_first_runs_the_named_parts_before_the_others(tmp_path, monkeypatc
     assert "| gsm8k | strict (parts 3 of 3) |" in (out / "report.md").read_text()
     # Without --parts-first the same part files are found and reused.
     calls.clear()
-    stop_at[0] = None
+    stop["at"] = None
     assert harness.main(argv) == 0
     assert calls == [(True, ["gsm8k-0"]), (False, ["gsm8k-0"]),
                      (True, ["gsm8k-1"]), (False, ["gsm8k-1"])]
