@@ -26,7 +26,8 @@ import json
 import sys
 from pathlib import Path
 
-from fly_vllm.bench.parting import (budget_table, dash, divergence_profile, loose_budget,
+from fly_vllm.bench.parting import (budget_table, ceiling, ceiling_table, dash,
+                                    divergence_profile, harness_raws, loose_budget,
                                     profile_table)
 
 
@@ -116,6 +117,30 @@ def describe(p: dict) -> dict:
         for d, m in p["datasets"].items()}
     out["loose_rate"] = {d: m.get("loose_rate") for d, m in p["datasets"].items()}
     return out
+
+
+def strict_ceilings(run_dir: Path, profile: dict[str, dict],
+                    agreement: float) -> dict[str, dict]:
+    """Per strict point of a run folder (GSM8K; an unfinished run on its
+    finished parts): the ceiling of any loose rule at its K
+    (``parting.ceiling``), at the lowest rate at which a parted output
+    changed its answer among the folder's loose points (the rate most
+    favourable to loose acceptance)."""
+    rates = [e["changed_given_parted"] for e in profile.values()
+             if e.get("changed_given_parted") is not None]
+    if not rates:
+        return {}
+    out = {}
+    for r in harness_raws(run_dir):
+        fly = (r.get("spec") or {}).get("fly", {})
+        if r["temperature"] != 0 or not fly.get("strict"):
+            continue
+        outs = [(len(x["token_ids"]), x["fly_stats"]["steps"]) for x in r["run"]["results"]
+                if x["group"] == "gsm8k" and x.get("fly_stats")]
+        c = ceiling(outs, r["spec"]["num_speculative_tokens"], min(rates), agreement=agreement)
+        if c:
+            out[r["mode"]] = c
+    return dict(sorted(out.items(), key=lambda kv: kv[1]["K"]))
 
 
 def add_gains(points: list[dict]) -> None:
@@ -401,6 +426,9 @@ def main(argv=None) -> int:
             if b:
                 budgets[name][p["name"]] = b
     summary["loose_budget"] = budgets
+    ceilings = {name: strict_ceilings(d, profiles[name], args.agreement)
+                for name, d in (("calibration", args.screen), ("evaluation", args.eval)) if d}
+    summary["ceiling"] = ceilings
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(args.out / "frontier.png", sets, args.agreement)
     lines = []
@@ -412,6 +440,7 @@ def main(argv=None) -> int:
             [p for p in sets[name] if p["settings"]], key=point_order)]
         lines += profile_table(prof, name, order)
         lines += budget_table(budgets.get(name, {}), order)
+        lines += ceiling_table(ceilings.get(name, {}))
     (args.out / "tables.md").write_text("\n".join(lines))
     print("\n".join(lines))
     if best:

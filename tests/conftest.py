@@ -14,6 +14,18 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRATCH = ROOT / ".scratch" / "tests"
 
 
+def gsm8k_folder(path: Path, n: int) -> Path:
+    """A harness folder for the parting readers: a GSM8K data file of ``n``
+    items (item i's answer is i), a results.json that names it, and an empty
+    raw/ (returned) for the test's runs."""
+    data = path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"s\n#### {i}"}) + "\n"
+                            for i in range(n)))
+    (path / "raw").mkdir()
+    (path / "results.json").write_text(json.dumps({"settings": {"data": str(data)}}))
+    return path / "raw"
+
+
 def vllm_env(**extra: str) -> dict[str, str]:
     """Environment for a vLLM process on this CPU (see the env guide)."""
     (SCRATCH / "cache").mkdir(parents=True, exist_ok=True)

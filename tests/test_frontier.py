@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, gsm8k_folder
 
 spec = importlib.util.spec_from_file_location("frontier", ROOT / "benchmarks" / "frontier.py")
 frontier = importlib.util.module_from_spec(spec)
@@ -120,3 +120,38 @@ def test_no_best_while_the_evaluation_is_unfinished(tmp_path):
              and p["name"] == "margin 0.1 K4 W2"]
     assert ev["unfinished"] == {"parts": 1, "of": 5} and ev["items"] == {"gsm8k": 4}
     assert "| margin 0.1 K4 W2 (1 of 5 parts) | evaluation |" in (out / "tables.md").read_text()
+
+
+def test_strict_ceilings_read_strict_runs_at_the_lowest_measured_change_rate(tmp_path):
+    """Each strict run's ceiling, at its own K, at the lowest rate at which a
+    loose point's parted outputs changed their answers."""
+    from fly_vllm.bench import parting
+
+    gsm8k_folder(tmp_path, 4)
+
+    def raw(mode, spec, outs):
+        res = [{"id": f"gsm8k-{i}", "group": "gsm8k", "token_ids": ids, "text": f"#### {a}",
+                "fly_stats": {"steps": steps, "loose_accepted_tokens": 0}}
+               for i, (ids, a, steps) in enumerate(outs)]
+        (tmp_path / "raw" / f"{mode.replace(' ', '-')}.json").write_text(json.dumps(
+            {"mode": mode, "spec": spec, "temperature": 0, "run": {"results": res}}))
+
+    ids = list(range(20))
+    raw("no-spec", None, [(ids, i, 0) for i in range(4)])
+    raw("strict K4", {"num_speculative_tokens": 4, "fly": {"strict": True}},
+        [(ids, i, s) for i, s in enumerate((10, 4, 8, 5))])
+    # Two loose points: one parts 2 outputs and changes 1 answer (50%), the
+    # other parts 4 and changes 1 (25%, the lower rate).
+    raw("a", {"num_speculative_tokens": 4, "fly": {"gate": "margin"}},
+        [(ids, 0, 4), (ids[:-1] + [99], 1, 4), (ids[:-1] + [99], 7, 4), (ids, 3, 4)])
+    raw("b", {"num_speculative_tokens": 4, "fly": {"gate": "margin"}},
+        [([99] + ids[1:], 0, 4), ([99] + ids[1:], 1, 4), ([99] + ids[1:], 2, 4),
+         ([99] + ids[1:], 8, 4)])
+    prof = parting.divergence_profile(tmp_path)
+    assert prof["a"]["changed_given_parted"] == 0.5
+    assert prof["b"]["changed_given_parted"] == 0.25
+    got = frontier.strict_ceilings(tmp_path, prof, 0.97)
+    assert list(got) == ["strict K4"]
+    assert got["strict K4"] == parting.ceiling([(20, 10), (20, 4), (20, 8), (20, 5)], 4, 0.25)
+    # Without a loose point's parted outputs there is no rate to use.
+    assert frontier.strict_ceilings(tmp_path, {}, 0.97) == {}

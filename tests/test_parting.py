@@ -9,6 +9,7 @@ import json
 import pytest
 
 from fly_vllm.bench import parting
+from tests.conftest import gsm8k_folder
 
 
 def test_loose_budget_extrapolates_a_points_own_rates():
@@ -35,11 +36,7 @@ def test_loose_budget_extrapolates_a_points_own_rates():
 
 
 def test_divergence_profile_splits_by_the_targets_own_answer(tmp_path):
-    data = tmp_path / "gsm.jsonl"
-    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"s\n#### {i}"}) + "\n"
-                            for i in range(4)))
-    (tmp_path / "raw").mkdir()
-    (tmp_path / "results.json").write_text(json.dumps({"settings": {"data": str(data)}}))
+    gsm8k_folder(tmp_path, 4)
 
     def raw(name, mode, outs):
         res = [{"id": f"gsm8k-{i}", "group": "gsm8k", "token_ids": ids,
@@ -104,3 +101,34 @@ def test_gap_summary_splits_partings_by_whether_the_answer_changed():
     # against -0.5 and -0.2 (1 of 4 pairs above, none tied).
     assert s["top_logprob"]["separation"] == pytest.approx(0.25)
     assert parting.gap_summary([])["gap"]["separation"] is None
+
+
+def test_ceiling_loosens_the_outputs_that_save_most_first():
+    # K 4: at most 5 tokens a step. (tokens, steps): the first can fall from
+    # 20 steps to 10, the second not at all, the third from 10 to 6, the
+    # fourth from 10 to 4; 50 steps for 150 tokens in all.
+    outs = [(50, 20), (50, 10), (30, 10), (20, 10), (7, 0)]
+    c = parting.ceiling(outs, 4, changed=0.3)
+    assert c["outputs"] == 4  # an output without steps tells nothing
+    assert c["strict_length"] == pytest.approx(3.0)
+    assert c["gain_all"] == pytest.approx(50 / 30)
+    # 0.97 with a 30% change rate lets a tenth of the outputs part: 0.4 of
+    # the first, 4 steps.
+    assert c["share_allowed"] == pytest.approx(0.1)
+    assert c["gain_at_bar"] == pytest.approx(50 / 46)
+    # 1.10x needs 50 / 11 steps saved: 0.4545 of the first output, a share
+    # of 0.4545 / 4, which affords a change rate of 0.03 over that share.
+    assert c["share_needed"] == pytest.approx(50 / 11 / 10 / 4)
+    assert c["changed_allowed"] == pytest.approx(0.03 / (50 / 11 / 10 / 4))
+    # Past the second output the share interpolates into the third (D saves 6
+    # before C's 4): a 3% change rate lets every output part.
+    c = parting.ceiling(outs, 4, changed=0.03 / 0.375)
+    assert c["gain_at_bar"] == pytest.approx(50 / (50 - 10 - 6 * 0.5))
+    assert parting.ceiling(outs, 4, changed=0.01)["gain_at_bar"] == pytest.approx(50 / 30)
+    # A gain no rule can reach at this K: nothing is needed or allowed.
+    c = parting.ceiling(outs, 4, changed=0.3, gain=2.0)
+    assert c["share_needed"] is None and c["changed_allowed"] is None
+    assert parting.ceiling([], 4, changed=0.3) is None
+    assert parting.ceiling([(9, 0)], 4, changed=0.3) is None
+    lines = parting.ceiling_table({"strict K4": parting.ceiling(outs, 4, changed=0.3)})
+    assert "| strict K4 | 3.00 | 1.667x | 11% | 26.4% | 30% | 10% | 1.087x |" in lines

@@ -1,7 +1,8 @@
 """Why loose outputs change their answers: where each output first parts from
 the target's own text, on what kind of token, how often a parted output ends
-on another final answer, and the loose-accept budget that a gain and an
-agreement bar leave (``loose_budget``).
+on another final answer, the loose-accept budget that a gain and an
+agreement bar leave (``loose_budget``), and the ceiling of any loose rule at
+that bar (``ceiling``).
 
 Reads a harness folder's ``raw/`` (every mode's outputs, the target's as
 ``no-spec``); GSM8K only, greedy rows only. A final-answer agreement is about
@@ -151,6 +152,79 @@ def loose_budget(tokens: float, strict_len: float, length: float, loose: float,
             "loose_accepts_allowed": allowed,
             "gain_at_allowed": 1 / (1 - saved),
             "required_gain": gain, "required_agreement": agreement}
+
+
+def ceiling(outputs: list[tuple[int, int]], k: int, changed: float, gain: float = 1.10,
+            agreement: float = 0.97) -> dict | None:
+    """The most any loose rule could gain over strict SD at ``k`` while
+    keeping ``agreement``, if a parted output changes its answer with
+    probability ``changed`` (GSM8K).
+
+    outputs: (tokens, verification steps) of each output under strict SD at
+    ``k``. The case most favourable to a loose rule: it loosens only the
+    outputs where that saves most steps, accepts every draft in them (k + 1
+    tokens a step, so ceil(tokens / (k + 1)) steps) and leaves their length
+    unchanged; every loosened output parts from the target's text. The
+    agreement then lets a share ``(1 - agreement) / changed`` of the outputs
+    be loosened (interpolated between whole outputs). Returns the strict mean
+    accepted length (tokens / steps), the gain with every output loosened
+    (``gain_all``: no rule at ``k`` can pass it), the gain at the share the
+    agreement allows (``gain_at_bar``), the share ``gain`` needs
+    (``share_needed``, None if even ``gain_all`` falls short) and the
+    largest ``changed`` that share could afford (``changed_allowed``). None
+    without outputs."""
+    outputs = [(t, s) for t, s in outputs if s > 0]
+    if not outputs:
+        return None
+    steps = sum(s for _, s in outputs)
+    tokens = sum(t for t, _ in outputs)
+    saved = sorted((s - -(-t // (k + 1)) for t, s in outputs), reverse=True)
+    n = len(saved)
+    cum = [0.0]
+    for x in saved:
+        cum.append(cum[-1] + max(x, 0))
+
+    def saved_at(share: float) -> float:  # steps saved loosening share * n outputs
+        m = min(max(share, 0.0), 1.0) * n
+        i = int(m)
+        return cum[i] + (m - i) * (cum[i + 1] - cum[i] if i < n else 0.0)
+
+    share = 1.0 if changed <= 0 else min(1.0, (1 - agreement) / changed)
+    need_saved = steps * (1 - 1 / gain)
+    share_needed = None
+    if cum[-1] >= need_saved:
+        i = next(j for j in range(1, n + 1) if cum[j] >= need_saved)
+        share_needed = (i - 1 + (need_saved - cum[i - 1]) / (cum[i] - cum[i - 1])) / n
+    return {"K": k, "outputs": n, "strict_length": tokens / steps,
+            "gain_all": steps / (steps - cum[-1]),
+            "changed": changed, "share_allowed": share,
+            "gain_at_bar": steps / (steps - saved_at(share)),
+            "share_needed": share_needed,
+            "changed_allowed": ((1 - agreement) / share_needed) if share_needed else None,
+            "required_gain": gain, "required_agreement": agreement}
+
+
+def ceiling_table(ceilings: dict[str, dict]) -> list[str]:
+    if not ceilings:
+        return []
+    c0 = next(iter(ceilings.values()))
+    lines = [f"The ceiling of any loose rule (GSM8K; strict SD's own outputs): the most "
+             "favourable case, where a rule loosens only the outputs where that saves most "
+             "and accepts every draft in them, each loosened output parting from the "
+             f"target's text. The gain with every output loosened; the share of outputs "
+             f"{c0['required_gain']:.2f}x needs loosened and the answer-change rate a parted "
+             f"output may then have for {c0['required_agreement']} agreement; and the gain "
+             "at the lowest answer-change rate measured here.", "",
+             "| strict point | mean acc. len | gain, all loosened | outputs "
+             f"{c0['required_gain']:.2f}x needs loosened | answer-change rate that allows | "
+             "lowest measured rate | outputs it lets part | gain at that |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mode, c in ceilings.items():
+        lines.append(f"| {mode} | {c['strict_length']:.2f} | {c['gain_all']:.3f}x | "
+                     f"{dash(c['share_needed'], '{:.0%}')} | "
+                     f"{dash(c['changed_allowed'], '{:.1%}')} | {c['changed']:.0%} | "
+                     f"{c['share_allowed']:.0%} | {c['gain_at_bar']:.3f}x |")
+    return lines + [""]
 
 
 def budget_table(budgets: dict[str, dict], order: list[str] | None = None) -> list[str]:
