@@ -119,19 +119,19 @@ def describe(p: dict) -> dict:
     return out
 
 
-def strict_ceilings(run_dir: Path, profile: dict[str, dict],
+def strict_ceilings(raws: list[dict], profile: dict[str, dict],
                     agreement: float) -> dict[str, dict]:
-    """Per strict point of a run folder (GSM8K; an unfinished run on its
-    finished parts): the ceiling of any loose rule at its K
-    (``parting.ceiling``), at the lowest rate at which a parted output
-    changed its answer among the folder's loose points (the rate most
-    favourable to loose acceptance)."""
+    """Per strict run of a folder (``parting.harness_raws``; GSM8K, an
+    unfinished run on its finished parts): the ceiling of any loose rule at
+    its K (``parting.ceiling``), at the lowest rate at which a parted output
+    changed its answer among the folder's loose points (``profile``: the rate
+    most favourable to loose acceptance)."""
     rates = [e["changed_given_parted"] for e in profile.values()
              if e.get("changed_given_parted") is not None]
     if not rates:
         return {}
     out = {}
-    for r in harness_raws(run_dir):
+    for r in raws:
         fly = (r.get("spec") or {}).get("fly", {})
         if r["temperature"] != 0 or not fly.get("strict"):
             continue
@@ -405,9 +405,11 @@ def main(argv=None) -> int:
     except Exception as e:  # the profile without token kinds
         print(f"[frontier] no tokenizer ({e}); parting tokens not classified",
               file=sys.stderr)
-    profiles = {"calibration": divergence_profile(args.screen, tok)}
-    if args.eval:
-        profiles["evaluation"] = divergence_profile(args.eval, tok)
+    # Every raw run of each folder, read once for the profile and the ceilings.
+    raws = {name: harness_raws(d) for name, d in
+            (("calibration", args.screen), ("evaluation", args.eval)) if d}
+    profiles = {name: divergence_profile(d, tok, raws[name]) for name, d in
+                (("calibration", args.screen), ("evaluation", args.eval)) if d}
     summary["divergence_profile"] = profiles
     budgets = {}
     for name, pts in raw_sets.items():
@@ -426,8 +428,8 @@ def main(argv=None) -> int:
             if b:
                 budgets[name][p["name"]] = b
     summary["loose_budget"] = budgets
-    ceilings = {name: strict_ceilings(d, profiles[name], args.agreement)
-                for name, d in (("calibration", args.screen), ("evaluation", args.eval)) if d}
+    ceilings = {name: strict_ceilings(raws[name], profiles[name], args.agreement)
+                for name in raws}
     summary["ceiling"] = ceilings
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(args.out / "frontier.png", sets, args.agreement)

@@ -150,8 +150,8 @@ def test_strict_ceilings_read_strict_runs_at_the_lowest_measured_change_rate(tmp
     prof = parting.divergence_profile(tmp_path)
     assert prof["a"]["changed_given_parted"] == 0.5
     assert prof["b"]["changed_given_parted"] == 0.25
-    got = frontier.strict_ceilings(tmp_path, prof, 0.97)
+    got = frontier.strict_ceilings(parting.harness_raws(tmp_path), prof, 0.97)
     assert list(got) == ["strict K4"]
     assert got["strict K4"] == parting.ceiling([(20, 10), (20, 4), (20, 8), (20, 5)], 4, 0.25)
     # Without a loose point's parted outputs there is no rate to use.
-    assert frontier.strict_ceilings(tmp_path, {}, 0.97) == {}
+    assert frontier.strict_ceilings(parting.harness_raws(tmp_path), {}, 0.97) == {}

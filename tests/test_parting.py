@@ -120,8 +120,9 @@ def test_ceiling_loosens_the_outputs_that_save_most_first():
     # of 0.4545 / 4, which affords a change rate of 0.03 over that share.
     assert c["share_needed"] == pytest.approx(50 / 11 / 10 / 4)
     assert c["changed_allowed"] == pytest.approx(0.03 / (50 / 11 / 10 / 4))
-    # Past the second output the share interpolates into the third (D saves 6
-    # before C's 4): a 3% change rate lets every output part.
+    # At an 8% change rate 0.375 of the outputs, 1.5 of them, may part: all
+    # of the first (10 steps) and half of the fourth, which saves 6 and so
+    # comes before the third's 4. At 1% every output may part.
     c = parting.ceiling(outs, 4, changed=0.03 / 0.375)
     assert c["gain_at_bar"] == pytest.approx(50 / (50 - 10 - 6 * 0.5))
     assert parting.ceiling(outs, 4, changed=0.01)["gain_at_bar"] == pytest.approx(50 / 30)

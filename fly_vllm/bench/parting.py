@@ -56,16 +56,18 @@ def gsm8k_references(run_dir: Path, ids: set[str]) -> dict[str, str]:
     return {it.id: it.reference for it in ds.load("gsm8k", last + 1, data) if it.id in ids}
 
 
-def divergence_profile(run_dir: Path, tokenizer=None) -> dict[str, dict]:
+def divergence_profile(run_dir: Path, tokenizer=None,
+                       raws: list[dict] | None = None) -> dict[str, dict]:
     """Per mode (GSM8K, against the target's own outputs in the same folder):
     the share of outputs that part from the target's, the share of those
     whose final answer changes, both by where the output first parts
     (token buckets), and the loose accepts per output. The final-answer
     agreement is about 1 - P(part) x P(answer changes | part). ``by_target``
-    splits both by whether the target's own answer was right."""
+    splits both by whether the target's own answer was right. ``raws``: the
+    folder's ``harness_raws``, where the caller has read them already."""
     from fly_vllm.bench.scoring import first_difference, gsm8k_correct, gsm8k_extract
 
-    raws = harness_raws(run_dir)
+    raws = harness_raws(run_dir) if raws is None else raws
     by = {r["mode"]: {x["id"]: x for x in r["run"]["results"] if x["group"] == "gsm8k"}
           for r in raws if r["temperature"] == 0}
     refs = gsm8k_references(run_dir, set().union(*by.values()))
@@ -211,7 +213,7 @@ def ceiling_table(ceilings: dict[str, dict]) -> list[str]:
     lines = [f"The ceiling of any loose rule (GSM8K; strict SD's own outputs): the most "
              "favourable case, where a rule loosens only the outputs where that saves most "
              "and accepts every draft in them, each loosened output parting from the "
-             f"target's text. The gain with every output loosened; the share of outputs "
+             "target's text. The gain with every output loosened; the share of outputs "
              f"{c0['required_gain']:.2f}x needs loosened and the answer-change rate a parted "
              f"output may then have for {c0['required_agreement']} agreement; and the gain "
              "at the lowest answer-change rate measured here.", "",
