@@ -129,6 +129,14 @@ def test_ceiling_loosens_the_outputs_that_save_most_first():
     # A gain no rule can reach at this K: nothing is needed or allowed.
     c = parting.ceiling(outs, 4, changed=0.3, gain=2.0)
     assert c["share_needed"] is None and c["changed_allowed"] is None
+    # A gain strict already has needs no output loosened and allows any
+    # change rate; a gain a few steps buy allows at most every answer changed.
+    for g in (1.0, 0.9):
+        c = parting.ceiling(outs, 4, changed=0.3, gain=g)
+        assert c["share_needed"] == 0.0 and c["changed_allowed"] == 1.0
+    c = parting.ceiling(outs, 4, changed=0.3, gain=50 / 49.9)
+    assert c["share_needed"] == pytest.approx(0.1 / 10 / 4)
+    assert c["changed_allowed"] == 1.0
     assert parting.ceiling([], 4, changed=0.3) is None
     assert parting.ceiling([(9, 0)], 4, changed=0.3) is None
     lines = parting.ceiling_table({"strict K4": parting.ceiling(outs, 4, changed=0.3)})

@@ -194,7 +194,9 @@ def ceiling(outputs: list[tuple[int, int]], k: int, changed: float, gain: float 
     share = 1.0 if changed <= 0 else min(1.0, (1 - agreement) / changed)
     need_saved = steps * (1 - 1 / gain)
     share_needed = None
-    if cum[-1] >= need_saved:
+    if need_saved <= 0:  # a gain of 1.0 or less: strict already has it
+        share_needed = 0.0
+    elif cum[-1] >= need_saved:
         i = next(j for j in range(1, n + 1) if cum[j] >= need_saved)
         share_needed = (i - 1 + (need_saved - cum[i - 1]) / (cum[i] - cum[i - 1])) / n
     return {"K": k, "outputs": n, "strict_length": tokens / steps,
@@ -202,7 +204,8 @@ def ceiling(outputs: list[tuple[int, int]], k: int, changed: float, gain: float 
             "changed": changed, "share_allowed": share,
             "gain_at_bar": steps / (steps - saved_at(share)),
             "share_needed": share_needed,
-            "changed_allowed": ((1 - agreement) / share_needed) if share_needed else None,
+            "changed_allowed": (None if share_needed is None else 1.0 if share_needed == 0
+                                else min(1.0, (1 - agreement) / share_needed)),
             "required_gain": gain, "required_agreement": agreement}
 
 
