@@ -149,8 +149,20 @@ def add_gains(points: list[dict]) -> None:
         if not s:
             continue
         strict = _strict_at(points, s["K"])
-        if strict and strict["mean_accepted_length"] and p["mean_accepted_length"]:
-            p["gain_over_strict"] = p["mean_accepted_length"] / strict["mean_accepted_length"]
+        if not strict or strict is p:
+            if strict is p and p["mean_accepted_length"]:
+                p["gain_over_strict"] = 1.0
+            continue
+        # On the items both ran only: an unfinished mode has fewer parts, and
+        # a dataset it has not reached must not enter either side.
+        common = [d for d, m in p["datasets"].items()
+                  if d in strict["datasets"] and m.get("n") == strict["datasets"][d].get("n")]
+        if not common:
+            continue
+        mine = _pooled_length([{"metrics": p["datasets"][d]} for d in common])
+        theirs = _pooled_length([{"metrics": strict["datasets"][d]} for d in common])
+        if mine and theirs:
+            p["gain_over_strict"] = mine / theirs
 
 
 def _round_rates(res: dict) -> tuple[dict, dict]:

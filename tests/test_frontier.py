@@ -20,6 +20,7 @@ spec.loader.exec_module(frontier)
 def point(name, K, agreement, length, **fly):
     return {"name": name, "set": "evaluation", "agreement": agreement,
             "mean_accepted_length": length,
+            "datasets": {"gsm8k": {"n": 100, "mean_accepted_length": length}},
             "settings": frontier.settings_of({"num_speculative_tokens": K, "fly": fly})}
 
 
@@ -53,6 +54,28 @@ def test_gains_pareto_and_best():
     assert best["name"] == "c" and best["meets_agreement"]
     best = frontier.pick_best(pts, 0.99)
     assert best["name"] == "a" and best["meets_agreement"] is False
+
+
+def test_gain_compares_only_the_items_both_ran():
+    # Strict has finished GSM8K parts 1-2 and a HumanEval part; the loose
+    # mode only GSM8K part 1: its gain is over GSM8K part 1's figure only if
+    # the counts match, so here (100 items against 200) it has none, and
+    # HumanEval, which it has not reached, never enters.
+    def ds(n, steps, acc):
+        return {"n": n, "spec_steps": steps, "accepted_tokens": acc,
+                "mean_accepted_length": 1 + acc / steps}
+    strict = point("strict K4", 4, 1.0, 0, strict=True)
+    strict["datasets"] = {"gsm8k": ds(200, 100, 300), "humaneval": ds(100, 100, 400)}
+    loose = point("m", 4, 0.9, 0, gate="margin", margin=0.3, window=2)
+    loose["datasets"] = {"gsm8k": ds(100, 50, 160)}
+    frontier.add_gains([strict, loose])
+    assert "gain_over_strict" not in loose
+    loose["datasets"] = {"gsm8k": ds(200, 100, 330)}
+    frontier.add_gains([strict, loose])
+    assert loose["gain_over_strict"] == pytest.approx(4.3 / 4.0)
+    loose["datasets"]["humaneval"] = ds(100, 100, 410)
+    frontier.add_gains([strict, loose])
+    assert loose["gain_over_strict"] == pytest.approx((1 + 740 / 200) / (1 + 700 / 200))
 
 
 def test_speed_ratios_take_the_median_over_rounds(tmp_path):
