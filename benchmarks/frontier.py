@@ -52,13 +52,13 @@ def settings_of(spec: dict | None) -> dict | None:
     return out
 
 
-def _pooled_length(rows: list[dict]) -> float | None:
-    """Mean accepted length over every dataset of a mode: 1 + accepted /
-    verification steps, summed (one dataset: its own figure)."""
-    if len(rows) == 1 or any("spec_steps" not in r["metrics"] for r in rows):
-        return rows[0]["metrics"].get("mean_accepted_length") if len(rows) == 1 else None
-    steps = sum(r["metrics"]["spec_steps"] for r in rows)
-    acc = sum(r["metrics"]["accepted_tokens"] for r in rows)
+def _pooled_length(metrics: list[dict]) -> float | None:
+    """Mean accepted length over the datasets' metrics of one mode: 1 +
+    accepted / verification steps, summed (one dataset: its own figure)."""
+    if len(metrics) == 1 or any("spec_steps" not in m for m in metrics):
+        return metrics[0].get("mean_accepted_length") if len(metrics) == 1 else None
+    steps = sum(m["spec_steps"] for m in metrics)
+    acc = sum(m["accepted_tokens"] for m in metrics)
     return 1 + acc / steps if steps else None
 
 
@@ -73,7 +73,7 @@ def points_of(run_dir: Path, set_name: str) -> tuple[list[dict], dict]:
     for mode, rows in by_mode.items():
         ds = {r["dataset"]: r["metrics"] for r in rows}
         points.append({"name": mode, "set": set_name, "settings": settings_of(rows[0]["spec"]),
-                       "datasets": ds, "mean_accepted_length": _pooled_length(rows),
+                       "datasets": ds, "mean_accepted_length": _pooled_length(list(ds.values())),
                        **({"unfinished": rows[0]["unfinished"]}
                           if rows[0].get("unfinished") else {})})
     return points, res
@@ -149,9 +149,7 @@ def add_gains(points: list[dict]) -> None:
         if not s:
             continue
         strict = _strict_at(points, s["K"])
-        if not strict or strict is p:
-            if strict is p and p["mean_accepted_length"]:
-                p["gain_over_strict"] = 1.0
+        if not strict:
             continue
         # On the items both ran only: an unfinished mode has fewer parts, and
         # a dataset it has not reached must not enter either side.
@@ -159,8 +157,8 @@ def add_gains(points: list[dict]) -> None:
                   if d in strict["datasets"] and m.get("n") == strict["datasets"][d].get("n")]
         if not common:
             continue
-        mine = _pooled_length([{"metrics": p["datasets"][d]} for d in common])
-        theirs = _pooled_length([{"metrics": strict["datasets"][d]} for d in common])
+        mine = _pooled_length([p["datasets"][d] for d in common])
+        theirs = _pooled_length([strict["datasets"][d] for d in common])
         if mine and theirs:
             p["gain_over_strict"] = mine / theirs
 
