@@ -314,10 +314,11 @@ def plot(path: Path, sets: dict[str, list[dict]], required: float) -> None:
 def table(points: list[dict]) -> list[str]:
     from fly_vllm.bench.report import parts_note
 
-    lines = ["| point | set | mean acc. len | vs strict | GSM8K agreement [exact 95%] | "
+    lines = ["| point | set | mean acc. len, all (GSM8K / HE) | vs strict | "
+             "GSM8K agreement [exact 95%] | "
              "retention GSM8K [95%] (flips) | retention HumanEval [95%] (flips) | "
              "length ratio GSM8K / HE | capped GSM8K | identical GSM8K / HE | "
-             "first parting (median) |", "|" + "---|" * 11]
+             "first parting (median) | tok/s vs strict at 1 (rounds) |", "|" + "---|" * 12]
     for p in points:
         r, ci, fl = p["retention"], p["retention_ci"], p["flips"]
 
@@ -336,13 +337,22 @@ def table(points: list[dict]) -> list[str]:
         ident = p["identical"]
         fp = p["first_parting_median"]
         name = p["name"] + parts_note(p.get("unfinished"))
+        by_ds = p.get("mean_accepted_length_by_dataset", {})
+        length = dash(p["mean_accepted_length"])
+        if len(by_ds) > 1:  # pooled over the datasets' steps, then each
+            length += (f" ({dash(by_ds.get('gsm8k'))} / "
+                       f"{dash(by_ds.get('humaneval'))})")
+        speed = "–"
+        if p.get("tok_s_vs_strict_at_1") is not None:
+            speed = f"{p['tok_s_vs_strict_at_1']:.3f}x (" + ", ".join(
+                f"{x:.3f}" for x in p.get("tok_s_vs_strict_at_1_rounds", [])) + ")"
         lines.append(
-            f"| {name} | {p['set']} | {dash(p['mean_accepted_length'])} | "
+            f"| {name} | {p['set']} | {length} | "
             f"{dash(p.get('gain_over_strict'), '{:.3f}x')} | {agree} | {ret('gsm8k')} | "
             f"{ret('humaneval')} | {dash(lr.get('gsm8k'))} / {dash(lr.get('humaneval'))} | "
             f"{dash(p['capped'].get('gsm8k'), '{:.1%}')} | "
             f"{dash(ident.get('gsm8k'), '{:.0%}')} / {dash(ident.get('humaneval'), '{:.0%}')} | "
-            f"{dash(fp.get('gsm8k'), '{:.0f}')} |")
+            f"{dash(fp.get('gsm8k'), '{:.0f}')} | {speed} |")
     return lines
 
 

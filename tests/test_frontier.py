@@ -96,6 +96,25 @@ def test_speed_ratios_take_the_median_over_rounds(tmp_path):
     assert r["strict K8"]["tok_s_vs_target_at_1"] == pytest.approx(2.0)
 
 
+def test_table_rows_show_each_dataset_and_the_speed_rounds():
+    p = {"name": "m", "set": "evaluation", "mean_accepted_length": 4.5,
+         "mean_accepted_length_by_dataset": {"gsm8k": 4.4, "humaneval": 4.8},
+         "gain_over_strict": 1.01, "retention": {}, "retention_ci": {}, "flips": {},
+         "output_length_ratio_by_dataset": {}, "identical": {}, "first_parting_median": {},
+         "capped": {}, "tok_s_vs_strict_at_1": 0.999,
+         "tok_s_vs_strict_at_1_rounds": [1.003, 0.996]}
+    header, rule, row = frontier.table([p])
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert len(cells) == header.count("|") - 1 == rule.count("---")
+    assert cells[2] == "4.50 (4.40 / 4.80)"
+    assert cells[-1] == "0.999x (1.003, 0.996)"
+    # one dataset, no speed run: the pooled figure alone and a dash
+    one = dict(p, mean_accepted_length_by_dataset={"gsm8k": 4.5})
+    del one["tok_s_vs_strict_at_1"]
+    cells = [c.strip() for c in frontier.table([one])[2].split("|")[1:-1]]
+    assert cells[2] == "4.50" and cells[-1] == "–"
+
+
 def test_point_labels_name_thresholds_and_unusual_windows():
     s = frontier.settings_of
     assert frontier.point_label(s({"num_speculative_tokens": 4,
