@@ -342,9 +342,9 @@ def table(points: list[dict]) -> list[str]:
         if len(by_ds) > 1:  # pooled over the datasets' steps, then each
             length += (f" ({dash(by_ds.get('gsm8k'))} / "
                        f"{dash(by_ds.get('humaneval'))})")
-        speed = "–"
+        speed = dash(p.get("tok_s_vs_strict_at_1"), "{:.3f}x")
         if p.get("tok_s_vs_strict_at_1") is not None:
-            speed = f"{p['tok_s_vs_strict_at_1']:.3f}x (" + ", ".join(
+            speed += " (" + ", ".join(
                 f"{x:.3f}" for x in p.get("tok_s_vs_strict_at_1_rounds", [])) + ")"
         lines.append(
             f"| {name} | {p['set']} | {length} | "
