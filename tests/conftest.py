@@ -77,3 +77,34 @@ def run_job(job: dict, name: str, timeout: int = 600) -> dict:
     (d / f"{name}.log").write_text(r.stdout + r.stderr)
     assert r.returncode == 0, f"job {name} failed:\n{r.stderr[-4000:]}"
     return json.loads(of.read_text())
+
+
+def write_gsm8k(path: Path, n: int) -> Path:
+    """A GSM8K-format jsonl of ``n`` items at ``path``: item i asks for
+    i * 500 + 50 and its answer ends "#### <that number, with a thousands
+    comma from 1,050 on>", as GSM8K writes its large answers."""
+    rows = [{"question": f"What is {i} * 500 + 50?",
+             "answer": f"{i} * 500 = <<{i}*500={i * 500}>>{i * 500}\n#### {i * 500 + 50:,}"}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def real_gsm8k() -> tuple[Path | None, str]:
+    """The real GSM8K-train file as the benchmarks would find it on disk
+    (never downloaded), or None and why not, as a one-line skip reason that
+    names the ways to give it."""
+    from fly_vllm.bench import datasets as ds
+
+    try:
+        return ds.gsm8k_path(fetch=False), ""
+    except ds.GSM8KNotFound as e:
+        return None, " ".join(str(e).split())
+
+
+@pytest.fixture(autouse=True)
+def _no_gsm8k_download(monkeypatch):
+    """No test downloads GSM8K by accident: the finder looks on disk only
+    (FLY_VLLM_OFFLINE=1, also for the processes tests start). The tests of
+    the download lift it and serve the file from a stand-in for the network."""
+    monkeypatch.setenv("FLY_VLLM_OFFLINE", "1")

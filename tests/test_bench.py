@@ -12,7 +12,7 @@ import pytest
 from fly_vllm.bench import datasets as ds
 from fly_vllm.bench import scoring
 from fly_vllm.bench.remote import parse_metrics
-from tests.conftest import ROOT, SCRATCH, vllm_env
+from tests.conftest import ROOT, SCRATCH, vllm_env, write_gsm8k
 
 
 def test_gsm8k_extraction():
@@ -242,11 +242,15 @@ def test_points_skip_and_bf16_warning(tmp_path, monkeypatch):
     assert harness.warn_bf16_fallback({"dtype": "bfloat16"}) is None
 
 
-def test_skip_gives_a_disjoint_item_range():
-    first = ds.load("gsm8k", 5)
-    later = ds.load("gsm8k", 3, skip=5)
+def test_skip_gives_a_disjoint_item_range(tmp_path):
+    data = str(write_gsm8k(tmp_path / "gsm.jsonl", 10))
+    first = ds.load("gsm8k", 5, data)
+    later = ds.load("gsm8k", 3, data, skip=5)
     assert [it.id for it in later] == ["gsm8k-5", "gsm8k-6", "gsm8k-7"]
+    assert [it.reference for it in later] == ["2550", "3050", "3550"]
     assert not {it.id for it in first} & {it.id for it in later}
+    # A skip past the end gives nothing rather than the file's last items.
+    assert ds.load("gsm8k", 3, data, skip=10) == []
 
 
 @pytest.mark.e2e

@@ -7,10 +7,12 @@ import json
 
 import pytest
 
-from fly_vllm.bench.datasets import gsm8k_path
+from tests.conftest import real_gsm8k
+
+GSM8K, NO_GSM8K = real_gsm8k()
 
 
-@pytest.mark.skipif(not gsm8k_path().exists(), reason="GSM8K-train file not found")
+@pytest.mark.skipif(GSM8K is None, reason=NO_GSM8K)
 def test_distill_tiny(tiny_pair, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -256,7 +256,10 @@ def parse_args(argv):
     ap.add_argument("--sweep-window", type=lambda s: [int(x) for x in s.split(",")],
                     default=list(DEFAULT_WINDOWS))
     ap.add_argument("--datasets", default="gsm8k,humaneval,mtbench,sharegpt")
-    ap.add_argument("--data", default=None, help="GSM8K-format jsonl (default: shared GSM8K)")
+    ap.add_argument("--data", default=None, help="GSM8K-format jsonl (default: "
+                    "$FLY_VLLM_GSM8K, else the cached copy, else shared/ in or above the "
+                    "working folder, else a download into the cache; see "
+                    "fly_vllm/bench/datasets.py)")
     ap.add_argument("--limit", type=parse_limit, default=None,
                     help="items per dataset: N for each, or per dataset, such as "
                     "gsm8k=150,humaneval=164")
