@@ -86,16 +86,36 @@ def sample_from(
     probs: torch.Tensor,  # [T, V]
     cu_num_draft_tokens: torch.Tensor,  # [B] inclusive cumsum
     generators: dict[int, torch.Generator],  # batch row -> seeded generator
+    rows: list[bool] | None = None,  # [B] the requests to sample; None = all
 ) -> torch.Tensor:
     """[T] tokens sampled from ``probs`` (the exponential race, as vLLM's
-    samplers do), with each seeded request's own generator."""
-    noise = torch.empty_like(probs).exponential_()
-    if generators:
+    samplers do), with each seeded request's own generator.
+
+    Only the requests in ``rows`` are sampled, with the same draws as when
+    all are; the others' tokens are the argmax of ``probs`` and cost no
+    random numbers: their generator stays where it is, and the global RNG
+    moves only when an unseeded request is sampled. (A seeded request's
+    generator must move exactly as vLLM moves it, or the request's later
+    steps are no longer vLLM's.)"""
+    if rows is None:
+        rows = [True] * cu_num_draft_tokens.shape[0]
+    if not any(rows):
+        return probs.argmax(dim=-1)
+    if any(want and b not in generators for b, want in enumerate(rows)):
+        noise = torch.empty_like(probs).exponential_()
+        if not all(rows):
+            req, _, _ = token_layout(cu_num_draft_tokens, probs.shape[0])
+            sampled = torch.tensor(rows, dtype=torch.bool, device=probs.device)[req]
+            noise = torch.where(sampled.unsqueeze(-1), noise, torch.ones_like(noise))
+    else:  # only seeded requests are sampled: their own draws, nothing global
+        noise = torch.ones_like(probs)
+    seeded = [b for b in generators if b < len(rows) and rows[b]]
+    if seeded:
         cu = cu_num_draft_tokens.tolist()
-        for b, gen in generators.items():
+        for b in seeded:
             start, end = (cu[b - 1] if b else 0), cu[b]
             if end > start:
-                noise[start:end].exponential_(generator=gen)
+                noise[start:end].exponential_(generator=generators[b])
     return (probs / noise).argmax(dim=-1)
 
 
@@ -409,7 +429,8 @@ class FlyRejectionSampler(RejectionSampler):
         if target_probs is None:
             target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
         exact = torch.isinf(thr)
-        if draft_probs is None or draft_probs.shape != target_probs.shape:
+        all_exact = draft_probs is None or draft_probs.shape != target_probs.shape
+        if all_exact:
             if draft_probs is not None and not self._warned_shape:
                 self._warned_shape = True
                 logger.warning(
@@ -418,9 +439,18 @@ class FlyRejectionSampler(RejectionSampler):
                     tuple(draft_probs.shape), tuple(target_probs.shape))
             draft_probs, exact = target_probs, torch.ones_like(exact)
         resampled = None
-        if is_greedy is not None and fly.fsd_variant == "resample":
-            resampled = sample_from(target_probs, cu_num_draft_tokens,
-                                    sm.generators)
+        if is_greedy is not None and fly.fsd_variant == "resample" and not all_exact:
+            # The resampled correction replaces vLLM's only at a sampled row's
+            # loose positions (past its strict prefix, in a non-exact row).
+            # Other rows draw nothing, so an exact row's seeded generator, and
+            # the global RNG when no row draws, move as under vLLM.
+            batch = cu_num_draft_tokens.shape[0]
+            _, _, n = token_layout(cu_num_draft_tokens, draft_token_ids.shape[0])
+            past_prefix = n > 0 if loose_from is None else n > loose_from
+            rows = (~exact & ~is_greedy[:batch] & past_prefix).tolist()  # one [B] sync
+            if any(rows):
+                resampled = sample_from(target_probs, cu_num_draft_tokens,
+                                        sm.generators, rows)
         return self._verify(
             draft_token_ids, cu_num_draft_tokens, target_probs, draft_probs,
             bonus_token_ids, max_spec_len,
