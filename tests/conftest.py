@@ -99,7 +99,7 @@ def real_gsm8k() -> tuple[Path | None, str]:
     try:
         return ds.gsm8k_path(fetch=False), ""
     except ds.GSM8KNotFound as e:
-        return None, " ".join(str(e).split())
+        return None, "; ".join(line.strip().rstrip(":") for line in str(e).splitlines())
 
 
 @pytest.fixture(autouse=True)
