@@ -1,4 +1,25 @@
-"""Helpers shared by the FLy and FSD acceptance kernels and their wrappers."""
+"""Helpers shared by the FLy and FSD acceptance kernels and their wrappers.
+
+Per-backend launch choices live here (``stage_options``), so the wrappers and
+the ahead-of-time compile check (``fly_vllm.kernels.aot``) use the same ones.
+
+AMD (ROCm, gfx942 / gfx950): every kernel launches with ``num_stages=1``.
+Triton's AMD software pipeliner has crashed the compiler and silently
+miscompiled loops on gfx950 (AMD's own Triton kernels force ``num_stages=1``
+on the affected loops as the workaround). Our only loops are the row kernels'
+streaming passes over the vocabulary; they are memory-bound reductions with
+one program per row and many rows in flight, so latency is hidden by
+occupancy, not by prefetching the next block. NVIDIA keeps Triton's default.
+
+Every backend: the row kernels take the vocabulary size ``V`` as a constexpr,
+so their loop over V has a compile-time trip count. Loops with a runtime trip
+count have been miscompiled by Triton's AMD backend (a range analysis that
+took one possible trip count for all, triton-lang/triton#11312 and #11313; a
+runtime-bound loop giving wrong results and faults, #11378). A model's
+vocabulary is fixed, so this costs one compile per engine. ``static_range``
+would also give a constant bound, but it unrolls the loop: up to 38 blocks for
+a 151936-token vocabulary, each with the top-k update.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +28,17 @@ import triton
 import triton.language as tl
 
 from fly_vllm.verifier import PLACEHOLDER_TOKEN_ID
+
+
+def stage_options(backend: str) -> dict:
+    """Launch options that depend on the backend ("cuda" or "hip")."""
+    return {"num_stages": 1} if backend == "hip" else {}
+
+
+def torch_backend() -> str:
+    """"hip" on ROCm builds of torch, else "cuda" (also under the CPU
+    interpreter, which ignores launch options)."""
+    return "hip" if getattr(torch.version, "hip", None) else "cuda"
 
 
 def new_outputs(batch: int, max_spec_len: int, num_tokens: int, device):

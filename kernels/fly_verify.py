@@ -14,6 +14,13 @@ Decisions equal the torch reference (``fly_vllm.verifier.fly_verify``) bit for
 bit; the entropy is the same quantity summed in another order (float
 tolerance). Nothing here is CUDA-specific; block sizes are constexpr and the
 warp counts suit AMD's 64-wide wavefronts as well as NVIDIA's 32-wide warps.
+
+On AMD both kernels launch with ``num_stages=1``, and on every backend the
+row kernel's loop over the vocabulary has a compile-time trip count (``V`` is
+a constexpr): kernels/common.py says why (Triton's AMD pipeliner and runtime
+trip counts have miscompiled). ``*_launch`` gives the constexprs and launch
+options the wrapper uses; ``fly_vllm.kernels.aot`` compiles exactly those for
+sm_90a, gfx942 and gfx950 and checks the binaries' resources.
 """
 
 from __future__ import annotations
@@ -22,11 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
-from fly_vllm.kernels.common import emit_row, load_drafts, new_outputs
+from fly_vllm.kernels.common import (emit_row, load_drafts, new_outputs, stage_options,
+                                    torch_backend)
 from fly_vllm.verifier import FlyVerifyOutput, token_layout
 
+# Per-draft flag bits. Triton kernels may read only constexpr globals, so the
+# bits are tl.constexpr; the wrapper reads ``.value``.
 NATIVE, UNCERTAIN, RESCUED, IN_PREFIX, GATED, VETOED, RULE_VETOED, PREFIX_EXACT = (
-    1, 2, 4, 8, 16, 32, 64, 128)
+    tl.constexpr(1 << i) for i in range(8))
+ROW_WARPS, ACCEPT_WARPS = 8, 4
 
 
 @triton.jit
@@ -39,7 +50,7 @@ def _row_stats_kernel(
     entropy_ptr,  # [T] fp32 out
     draft_logit_ptr,  # [T] fp32 out
     margin_ptr,  # [T] fp32 out: max logit - draft logit (+inf if draft is -inf)
-    V,
+    V: tl.constexpr,  # constexpr: a compile-time trip count (see common.py)
     TOP_K: tl.constexpr,
     K_PAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -167,15 +178,33 @@ def _accept_kernel(
     accepted = native | rescued
     in_prefix = emit_row(out_ptr, num_accepted_ptr, bonus_ptr, b, pos, live, n, accepted,
                          d, correction, S, BLOCK_S)
-    flags = (native.to(tl.int32) * 1 + uncertain.to(tl.int32) * 2
-             + rescued.to(tl.int32) * 4 + in_prefix.to(tl.int32) * 8
-             + gated.to(tl.int32) * 16 + vetoed.to(tl.int32) * 32
-             + rule_vetoed.to(tl.int32) * 64 + prefix_exact.to(tl.int32) * 128)
+    flags = (native.to(tl.int32) * NATIVE + uncertain.to(tl.int32) * UNCERTAIN
+             + rescued.to(tl.int32) * RESCUED + in_prefix.to(tl.int32) * IN_PREFIX
+             + gated.to(tl.int32) * GATED + vetoed.to(tl.int32) * VETOED
+             + rule_vetoed.to(tl.int32) * RULE_VETOED
+             + prefix_exact.to(tl.int32) * PREFIX_EXACT)
     tl.store(flags_ptr + t, flags, mask=live)
 
 
 def _block_v(vocab: int) -> int:
     return min(4096, triton.next_power_of_2(max(vocab, 16)))
+
+
+def row_stats_launch(vocab: int, top_k: int, block_v: int | None = None,
+                     backend: str | None = None) -> tuple[dict, dict]:
+    """(constexprs, launch options) of ``_row_stats_kernel`` as the wrapper
+    launches it; the ahead-of-time compile check uses the same."""
+    return (dict(V=vocab, TOP_K=top_k, K_PAD=triton.next_power_of_2(max(top_k, 2)),
+                 BLOCK_V=block_v or _block_v(vocab)),
+            dict(num_warps=ROW_WARPS, **stage_options(backend or torch_backend())))
+
+
+def accept_launch(max_spec_len: int, has_random: bool, has_veto: bool,
+                  backend: str | None = None) -> tuple[dict, dict]:
+    """(constexprs, launch options) of ``_accept_kernel``."""
+    return (dict(HAS_RANDOM=has_random, HAS_VETO=has_veto,
+                 BLOCK_S=triton.next_power_of_2(max(max_spec_len, 2))),
+            dict(num_warps=ACCEPT_WARPS, **stage_options(backend or torch_backend())))
 
 
 def row_stats(
@@ -195,10 +224,10 @@ def row_stats(
         return lse, amax, ent, dl, gap
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    constexprs, options = row_stats_launch(V, top_k, block_v)
     _row_stats_kernel[(T,)](
-        logits, logits.stride(0), draft_token_ids, lse, amax, ent, dl, gap, V,
-        TOP_K=top_k, K_PAD=triton.next_power_of_2(max(top_k, 2)),
-        BLOCK_V=block_v or _block_v(V), num_warps=8,
+        logits, logits.stride(0), draft_token_ids, lse, amax, ent, dl, gap,
+        **constexprs, **options,
     )
     return lse, amax, ent, dl, gap
 
@@ -246,6 +275,7 @@ def fly_verify_triton(
         rec = recovered_token_ids.contiguous()
     out, num_acc, flags = new_outputs(B, S, T, dev)
     if B > 0:
+        constexprs, options = accept_launch(S, has_random, veto is not None)
         _accept_kernel[(B,)](
             out, num_acc, flags, cu_num_draft_tokens.contiguous(), draft, amax, ent, dl,
             gap, bonus_token_ids.reshape(B).contiguous(),
@@ -256,11 +286,10 @@ def fly_verify_triton(
             q if has_random else ent, u if has_random else ent,
             rec if has_random else amax,
             veto.contiguous() if veto is not None else flags, V, S,
-            HAS_RANDOM=has_random, HAS_VETO=veto is not None, BLOCK_S=triton.next_power_of_2(max(S, 2)),
-            num_warps=4,
+            **constexprs, **options,
         )
     req, pos, _ = token_layout(cu_num_draft_tokens, T)
-    bit = lambda m: (flags & m) != 0  # noqa: E731
+    bit = lambda m: (flags & m.value) != 0  # noqa: E731
     loose_ok = torch.isfinite(entropy_threshold)[req]
     return FlyVerifyOutput(
         output_token_ids=out, num_accepted=num_acc, native=bit(NATIVE),

@@ -14,6 +14,13 @@ except where a divergence lies within float rounding of the threshold: the
 kernel sums D in another order than torch, so ``D <= T`` can differ when
 |D - T| is about 1e-7 relative. Nothing here is CUDA-specific; block sizes are
 constexpr and the warp counts suit AMD's 64-wide wavefronts.
+
+On AMD both kernels launch with ``num_stages=1``, and on every backend the
+row kernel's loop over the vocabulary has a compile-time trip count (``V`` is
+a constexpr): kernels/common.py says why (Triton's AMD pipeliner and runtime
+trip counts have miscompiled). ``*_launch`` gives the constexprs and launch
+options the wrapper uses; ``fly_vllm.kernels.aot`` compiles exactly those for
+sm_90a, gfx942 and gfx950 and checks the binaries' resources.
 """
 
 from __future__ import annotations
@@ -23,11 +30,16 @@ import triton
 import triton.language as tl
 
 from fly_vllm.fsd import DIVERGENCES, VARIANTS
-from fly_vllm.kernels.common import emit_row, load_drafts, new_outputs
+from fly_vllm.kernels.common import (emit_row, load_drafts, new_outputs, stage_options,
+                                    torch_backend)
 from fly_vllm.verifier import FlyVerifyOutput, token_layout
 
+# Per-draft flag bits. Triton kernels may read only constexpr globals (the
+# compiler rejects plain ints, which the interpreter accepts), so the bits are
+# tl.constexpr; the wrapper reads ``.value``.
 NATIVE, LOOSE, IN_PREFIX, GATED, VETOED, RULE_VETOED, PREFIX_EXACT = (
-    1, 2, 8, 16, 32, 64, 128)
+    tl.constexpr(v) for v in (1, 2, 8, 16, 32, 64, 128))
+ROW_WARPS, ACCEPT_WARPS = 8, 4
 
 
 @triton.jit
@@ -47,7 +59,7 @@ def _fsd_row_kernel(
     argmax_ptr,  # [T] int64 out
     pd_ptr,  # [T] fp32 out: p(d)
     qd_ptr,  # [T] fp32 out: q(d)
-    V,
+    V: tl.constexpr,  # constexpr: a compile-time trip count (see common.py)
     KIND: tl.constexpr,  # 0 js, 1 kl(q||p), 2 kl(p||q), 3 tv
     BLOCK_V: tl.constexpr,
 ):
@@ -164,14 +176,31 @@ def _block_v(vocab: int) -> int:
     return min(2048, triton.next_power_of_2(max(vocab, 16)))
 
 
+def fsd_row_launch(vocab: int, kind: str, block_v: int | None = None,
+                   backend: str | None = None) -> tuple[dict, dict]:
+    """(constexprs, launch options) of ``_fsd_row_kernel`` as the wrapper
+    launches it; the ahead-of-time compile check uses the same."""
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; choose from {', '.join(DIVERGENCES)}")
+    return (dict(V=vocab, KIND=DIVERGENCES.index(kind), BLOCK_V=block_v or _block_v(vocab)),
+            dict(num_warps=ROW_WARPS, **stage_options(backend or torch_backend())))
+
+
+def fsd_accept_launch(max_spec_len: int, fallback: bool, has_random: bool, has_veto: bool,
+                      backend: str | None = None) -> tuple[dict, dict]:
+    """(constexprs, launch options) of ``_fsd_accept_kernel``."""
+    return (dict(FALLBACK=fallback, HAS_RANDOM=has_random, HAS_VETO=has_veto,
+                 BLOCK_S=triton.next_power_of_2(max(max_spec_len, 2))),
+            dict(num_warps=ACCEPT_WARPS, **stage_options(backend or torch_backend())))
+
+
 def fsd_row_stats(
     target_probs: torch.Tensor, draft_probs: torch.Tensor,
     draft_token_ids: torch.Tensor, kind: str = "js", block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass over [T, V] p and q: (divergence, argmax of p, p(d), q(d))."""
-    if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {kind!r}; choose from {', '.join(DIVERGENCES)}")
     T, V = target_probs.shape
+    constexprs, options = fsd_row_launch(V, kind, block_v)
     dev = target_probs.device
     div = torch.empty(T, dtype=torch.float32, device=dev)
     amax = torch.empty(T, dtype=torch.int64, device=dev)
@@ -183,7 +212,7 @@ def fsd_row_stats(
     q = draft_probs if draft_probs.stride(-1) == 1 else draft_probs.contiguous()
     _fsd_row_kernel[(T,)](
         p, p.stride(0), q, q.stride(0), draft_token_ids.contiguous(), div, amax, pd, qd,
-        V, KIND=DIVERGENCES.index(kind), BLOCK_V=block_v or _block_v(V), num_warps=8,
+        **constexprs, **options,
     )
     return div, amax, pd, qd
 
@@ -235,6 +264,8 @@ def fsd_verify_triton(
         loose_from = torch.zeros(B, dtype=torch.int64, device=dev)
     out, num_acc, flags = new_outputs(B, max_spec_len, T, dev)
     if B > 0:
+        constexprs, options = fsd_accept_launch(max_spec_len, variant == "fallback",
+                                                has_random, veto is not None)
         _fsd_accept_kernel[(B,)](
             out, num_acc, flags, cu_num_draft_tokens.contiguous(), draft, amax, div, pd, qd,
             bonus_token_ids.reshape(B).contiguous(), thr.contiguous(), exact_b,
@@ -242,12 +273,10 @@ def fsd_verify_triton(
             u if has_random else div, rec if has_random else amax,
             res if has_random else amax,
             veto.contiguous() if veto is not None else exact_b, V, max_spec_len,
-            FALLBACK=variant == "fallback", HAS_RANDOM=has_random,
-            HAS_VETO=veto is not None,
-            BLOCK_S=triton.next_power_of_2(max(max_spec_len, 2)), num_warps=4,
+            **constexprs, **options,
         )
     _, pos, _ = token_layout(cu_num_draft_tokens, T)
-    bit = lambda m: (flags & m) != 0  # noqa: E731
+    bit = lambda m: (flags & m.value) != 0  # noqa: E731
     loose = bit(LOOSE)
     return FlyVerifyOutput(
         output_token_ids=out, num_accepted=num_acc, native=bit(NATIVE), uncertain=loose,
