@@ -316,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         limit = args.limit.get(name, args.limit.get("*")) if args.limit else None
         skip = args.skip.get(name, args.skip.get("*", 0)) if args.skip else 0
-        items += ds.load(name, limit, args.data, skip)
+        try:
+            items += ds.load(name, limit, args.data, skip)
+        except ds.GSM8KNotFound as e:  # one message that says how to give it
+            raise SystemExit(f"run_bench: {e}") from None
     by_id = {it.id: it for it in items}
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or Path("benchmarks/results") / f"bench-{stamp}")

@@ -318,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         ep.model = args.model or discover_model(ep.url)
     items = []
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
-        items += ds.load(name, args.limit, args.data)
+        try:
+            items += ds.load(name, args.limit, args.data)
+        except ds.GSM8KNotFound as e:
+            raise SystemExit(f"bench_serve: {e}") from None
     reqs = build_requests(items, args.max_tokens, args.temperature)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or Path("benchmarks/results") / f"serve-{stamp}")
