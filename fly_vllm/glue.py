@@ -19,8 +19,8 @@ from vllm.v1.sample.rejection_sampler import RejectionSampler
 
 from fly_vllm import metrics
 from fly_vllm.config import FlyConfig, FlyConfigError, request_overrides
-from fly_vllm.fsd import fsd_verify
-from fly_vllm.verifier import FlyVerifyOutput, fly_verify, prefix_start, token_layout
+from fly_vllm.verifier import FlyVerifyOutput, prefix_start, token_layout
+from fly_vllm.verify_path import CheckedVerifier, Workload, select
 
 logger = logging.getLogger("vllm.fly_vllm")  # under vLLM's handler
 _PATCHED_ATTR = "__fly_vllm_patched__"
@@ -119,17 +119,13 @@ def sample_from(
     return (probs / noise).argmax(dim=-1)
 
 
-def select_verifier(device: torch.device, rule: str = "fly"):
-    """The verifier for ``rule`` ("fly" or "fsd"): Triton kernels on GPUs
-    (CUDA and ROCm), the torch reference elsewhere."""
-    reference = fsd_verify if rule == "fsd" else fly_verify
-    if device.type == "cuda":
-        try:
-            from fly_vllm.kernels import fly_verify_triton, fsd_verify_triton
-        except ImportError:  # no triton: the torch path is still correct
-            return reference
-        return fsd_verify_triton if rule == "fsd" else fly_verify_triton
-    return reference
+def select_verifier(device: torch.device, rule: str = "fly",
+                    workload: Workload | None = None) -> CheckedVerifier:
+    """The verifier for ``rule`` ("fly" or "fsd"), or for ``workload``'s:
+    Triton kernels on GPUs (CUDA and ROCm), checked against the torch
+    reference before use, which runs instead where they fail and elsewhere
+    (fly_vllm.verify_path)."""
+    return select(device, workload or Workload(rule=rule))
 
 
 class RequestSettings(NamedTuple):
@@ -169,8 +165,8 @@ class FlyRejectionSampler(RejectionSampler):
         self._active = active
         self._warmup = warmup
         self._runner = weakref.ref(runner) if runner is not None else (lambda: None)
-        self._verify = select_verifier(torch.device(device) if device else
-                                       torch.device("cpu"), fly.rule)
+        self._verify = select_verifier(torch.device(device or "cpu"), workload=Workload.of(
+            fly, self.k, runner.model_config.get_vocab_size() if runner else None))
         self._pending: torch.Tensor | None = None
         self._last_flush = time.monotonic()
         self._per_request: dict[str, tuple] = {}

@@ -41,6 +41,14 @@ Counters (all ``vllm:fly_*`` so ``LLM.get_metrics()`` returns them):
                                            drafter did not run
     vllm:fly_flex_catchup_tokens_total     positions the drafter caught up
                                            when drafting resumed
+    vllm:fly_verifier_path{path}           workers verifying on each path:
+                                           "triton" (the kernels), "torch"
+                                           (the reference) or "custom"
+                                           (FLY_VLLM_VERIFIER); a gauge
+    vllm:fly_verifier_fallbacks_total      workers whose accelerated verifier
+                                           failed its check or a later call
+                                           and fell back to torch
+                                           (verify_path.py)
 Accepted counts are the verifier's: tokens a stop string later cuts off are
 still counted, as in vLLM's own per-position counters.
 """
@@ -95,7 +103,13 @@ BY_RULE_OFFSET = len(SCALARS)
 PER_POS_OFFSET = BY_RULE_OFFSET + len(ACCEPT_RULES)
 DRAFTER_OFFSET = PER_POS_OFFSET + MAX_POSITIONS
 INDEX.update({name: DRAFTER_OFFSET + i for i, (name, _) in enumerate(DRAFTER_SCALARS)})
-NUM_SLOTS = DRAFTER_OFFSET + len(DRAFTER_SCALARS)
+# Which verifier each worker runs (verify_path.py), after the drafter's slots:
+# a gauge of workers per path, then the fallbacks counter.
+VERIFIER_PATHS = ("triton", "torch", "custom")
+VERIFIER_OFFSET = DRAFTER_OFFSET + len(DRAFTER_SCALARS)
+INDEX.update({f"verifier_path_{p}": VERIFIER_OFFSET + i for i, p in enumerate(VERIFIER_PATHS)})
+INDEX["verifier_fallbacks"] = VERIFIER_OFFSET + len(VERIFIER_PATHS)
+NUM_SLOTS = INDEX["verifier_fallbacks"] + 1
 
 _lock = threading.Lock()
 _store: CounterStore | None = None
@@ -165,6 +179,8 @@ def snapshot() -> dict[str, object]:
     out["loose_accepted_per_pos"] = [int(x) for x in per_pos[:last]]
     out["loose_accepted_by_rule"] = {
         r: int(t[BY_RULE_OFFSET + i]) for i, r in enumerate(ACCEPT_RULES)}
+    out["verifier_path"] = {p: int(t[INDEX[f"verifier_path_{p}"]]) for p in VERIFIER_PATHS}
+    out["verifier_fallbacks"] = int(t[INDEX["verifier_fallbacks"]])
     return out
 
 
@@ -172,7 +188,7 @@ class FlyCollector:
     """Prometheus collector exposing the summed worker counters."""
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         t = read_totals()
         for name, doc in SCALARS + DRAFTER_SCALARS:
@@ -197,6 +213,19 @@ class FlyCollector:
         for p in range(last):
             per_pos.add_metric([str(p)], float(per[p]))
         yield per_pos
+        path = GaugeMetricFamily(
+            "vllm:fly_verifier_path",
+            "Workers verifying on each path: triton (the kernels), torch (the "
+            "reference) or custom (FLY_VLLM_VERIFIER).", labels=["path"])
+        for p in VERIFIER_PATHS:
+            path.add_metric([p], float(t[INDEX[f"verifier_path_{p}"]]))
+        yield path
+        fallbacks = CounterMetricFamily(
+            "vllm:fly_verifier_fallbacks",
+            "Workers whose accelerated verifier failed its check, or a later "
+            "call, and that verify with torch since.")
+        fallbacks.add_metric([], float(t[INDEX["verifier_fallbacks"]]))
+        yield fallbacks
 
 
 _collector_registered = False

@@ -261,7 +261,8 @@ def _patch_model_runner_module(mod) -> None:
                     self.sampler, self.speculative_config, self.device, fly, _ACTIVE,
                     _WARMUP, runner=self,
                 )
-                logger.info("fly-vllm: FLy verification active: %s", fly)
+                logger.info("fly-vllm: FLy verification active: path=%s; %s",
+                            self.rejection_sampler._verify.describe(), fly)
             if fly is not None and getattr(self, "drafter", None) is not None:
                 self.drafter._fly_runner = weakref.ref(self)  # multilevel.py
 

@@ -4,7 +4,8 @@ Usage: python -m tests.e2e_runner JOB.json OUT.json
 
 A job: {"model", "speculative_config" (or null), "prompts", "sampling":
 {SamplingParams kwargs}, "json_schema", "max_tokens" (per prompt),
-"extra_args" (per prompt), "max_num_seqs" (all optional)}. The result: token ids per
+"extra_args" (per prompt), "max_num_seqs", "env" (variables set before vLLM
+is imported) (all optional)}. The result: token ids per
 prompt, texts, and every vllm:* counter from LLM.get_metrics().
 Each job gets its own process, as vLLM engines are not meant to be built
 many times in one process.
@@ -13,11 +14,13 @@ many times in one process.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
 def main() -> None:
     job = json.load(open(sys.argv[1]))
+    os.environ.update(job.get("env", {}))
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
@@ -51,7 +54,7 @@ def main() -> None:
         if not m.name.startswith("vllm:"):
             continue
         key = m.name + "".join(f"[{k}={v}]" for k, v in sorted(m.labels.items())
-                               if k in ("position", "rule"))
+                               if k in ("position", "rule", "path"))
         if hasattr(m, "values"):
             metrics[key] = list(m.values)
         elif hasattr(m, "value"):

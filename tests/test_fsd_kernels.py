@@ -187,17 +187,19 @@ def test_bad_kind_and_variant():
         fsd_verify_triton(**{**args, "variant": "other"})
 
 
-def test_glue_selects_the_kernel_on_gpus_only():
+def test_glue_selects_the_kernel_on_gpus_only(monkeypatch):
+    """The glue's verifier is verify_path's: the torch reference on the CPU
+    (test_verify_path covers the GPU's choice and its check)."""
     pytest.importorskip("vllm")
     from fly_vllm.glue import select_verifier
-    from fly_vllm.kernels import fly_verify_triton
     from fly_vllm.verifier import fly_verify
+    from fly_vllm.verify_path import ENV
 
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device, not a tensor
-    assert select_verifier(cpu, "fsd") is fsd_verify
-    assert select_verifier(cpu, "fly") is fly_verify
-    assert select_verifier(gpu, "fsd") is fsd_verify_triton
-    assert select_verifier(gpu, "fly") is fly_verify_triton
+    monkeypatch.delenv(ENV, raising=False)
+    cpu = torch.device("cpu")
+    for rule, reference in (("fsd", fsd_verify), ("fly", fly_verify)):
+        v = select_verifier(cpu, rule)
+        assert (v.reference, v.path, v.candidate) == (reference, "torch", None)
 
 
 def test_fsd_kernel_benchmark_plumbing_smoke():
