@@ -24,10 +24,10 @@ A case is the keyword arguments of one call of the rule's reference,
     "resample" variant resampled) token ids [T] int32, target_probs [T, V]
     float32 (fly).
 
-Every threshold is kept at least ``CLEARANCE`` from each value it is
-compared with (top-k entropy, divergence): a verifier that sums in another
-order (the Triton kernels, within float tolerance) must still decide exactly
-as the reference does. Tensors are drawn with the given generator on its
+Every threshold is kept at least ``CLEARANCE`` (relative above 1) from each
+value it is compared with (top-k entropy, divergence): a verifier that sums
+in another order (the Triton kernels, within float tolerance) must still
+decide exactly as the reference does. Tensors are drawn with the given generator on its
 device, then moved to ``device``: a CPU generator makes a case reproducible
 on any device.
 """
@@ -120,12 +120,13 @@ def _pick(g: torch.Generator, values: tuple[float, ...], size: int) -> torch.Ten
 
 def _clear(compared: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
     """[B] thresholds: each of ``wanted`` raised until it lies at least
-    CLEARANCE from every finite value in ``compared`` ([N])."""
+    CLEARANCE * max(1, |x|) from every finite value x in ``compared`` ([N])."""
     values = compared[torch.isfinite(compared)].double().cpu()
+    gap = CLEARANCE * values.abs().clamp(min=1.0)
     out = []
     for t in wanted.tolist():
-        while math.isfinite(t) and values.numel() and (values - t).abs().min() < CLEARANCE:
-            t += 0.7 * CLEARANCE
+        while math.isfinite(t) and ((values - t).abs() < gap).any():
+            t += 0.7 * CLEARANCE * max(1.0, abs(t))
         out.append(t)
     return torch.tensor(out, dtype=torch.float32, device=wanted.device)
 
