@@ -11,6 +11,11 @@
             [--retention 0.995] [--agreement answer|exact] [--out fly.json]
         Search the threshold (and W) for the largest mean accepted length that
         keeps the target's answers; write a ready fly.json (see calibrate.py).
+    fly-vllm selftest [--batches N] [--rule fly|fsd|all] [--device DEV]
+            [--seed S] [--no-timing] [--interpret]
+        Check this node's verifiers: on a GPU the Triton kernels against the
+        torch reference on random batches, then timings; on the CPU the torch
+        path's invariants. Exits non-zero on any disagreement (see selftest.py).
 """
 
 from __future__ import annotations
@@ -118,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         from fly_vllm.demo import main as demo_main
 
         return demo_main(rest)
+    if cmd == "selftest":
+        from fly_vllm.selftest import main as selftest_main
+
+        return selftest_main(rest)
     print(f"fly-vllm: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
     return 2
 
