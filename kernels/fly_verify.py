@@ -15,12 +15,9 @@ bit; the entropy is the same quantity summed in another order (float
 tolerance). Nothing here is CUDA-specific; block sizes are constexpr and the
 warp counts suit AMD's 64-wide wavefronts as well as NVIDIA's 32-wide warps.
 
-On AMD both kernels launch with ``num_stages=1``, and on every backend the
-row kernel's loop over the vocabulary has a compile-time trip count (``V`` is
-a constexpr): kernels/common.py says why (Triton's AMD pipeliner and runtime
-trip counts have miscompiled). ``*_launch`` gives the constexprs and launch
-options the wrapper uses; ``fly_vllm.kernels.aot`` compiles exactly those for
-sm_90a, gfx942 and gfx950 and checks the binaries' resources.
+Backend choices (``num_stages=1`` on AMD, ``V`` a constexpr) and why: see
+kernels/common.py. ``row_stats_launch`` and ``accept_launch`` are what the
+wrappers launch and what ``fly_vllm.kernels.aot`` compiles ahead of time.
 """
 
 from __future__ import annotations

@@ -15,12 +15,8 @@ kernel sums D in another order than torch, so ``D <= T`` can differ when
 |D - T| is about 1e-7 relative. Nothing here is CUDA-specific; block sizes are
 constexpr and the warp counts suit AMD's 64-wide wavefronts.
 
-On AMD both kernels launch with ``num_stages=1``, and on every backend the
-row kernel's loop over the vocabulary has a compile-time trip count (``V`` is
-a constexpr): kernels/common.py says why (Triton's AMD pipeliner and runtime
-trip counts have miscompiled). ``*_launch`` gives the constexprs and launch
-options the wrapper uses; ``fly_vllm.kernels.aot`` compiles exactly those for
-sm_90a, gfx942 and gfx950 and checks the binaries' resources.
+The launches follow kernels/common.py's per-backend rules; the AOT check
+(``fly_vllm.kernels.aot``) compiles the ``fsd_*_launch`` settings.
 """
 
 from __future__ import annotations
@@ -34,9 +30,8 @@ from fly_vllm.kernels.common import (emit_row, load_drafts, new_outputs, stage_o
                                     torch_backend)
 from fly_vllm.verifier import FlyVerifyOutput, token_layout
 
-# Per-draft flag bits. Triton kernels may read only constexpr globals (the
-# compiler rejects plain ints, which the interpreter accepts), so the bits are
-# tl.constexpr; the wrapper reads ``.value``.
+# Flag bits, tl.constexpr as in fly_verify.py (a plain int global compiles
+# under the interpreter only).
 NATIVE, LOOSE, IN_PREFIX, GATED, VETOED, RULE_VETOED, PREFIX_EXACT = (
     tl.constexpr(v) for v in (1, 2, 8, 16, 32, 64, 128))
 ROW_WARPS, ACCEPT_WARPS = 8, 4
