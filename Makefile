@@ -52,11 +52,24 @@ $(VLLM033)/__init__.py: | $(VENV)/.installed
 
 vllm033: $(VLLM033)/__init__.py
 
+# vLLM 0.32.0's own rejection-sampler tests (tests/v1/sample/, in its sdist
+# only), which tests/test_vllm_sampler_suite.py runs on FLy's sampler. Two
+# files are unpacked into an ignored folder; nothing of them is committed.
+VLLM032_TESTS := .vllm032/tests/v1/sample/test_rejection_sampler.py
+
+$(VLLM032_TESTS): | $(VENV)/.installed
+	@echo "==> fetching vLLM 0.32.0's rejection-sampler tests (sdist) into .vllm032/"
+	$(PY) tests/vllm_suite/fetch.py .vllm032
+
+.PHONY: vllm032-tests
+vllm032-tests: $(VLLM032_TESTS)
+
 demo: install-models
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m fly_vllm.cli demo
 
 test: install
 	-$(MAKE) vllm033
+	-$(MAKE) vllm032-tests
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: install
