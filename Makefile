@@ -76,4 +76,4 @@ test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not e2e and not server"
 
 clean:
-	rm -rf $(VENV) .scratch .vllm033 .cache
+	rm -rf $(VENV) .scratch .vllm033 .vllm032 .cache
