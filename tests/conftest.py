@@ -13,6 +13,19 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRATCH = ROOT / ".scratch" / "tests"
 
+# Without a GPU the Triton kernels run under the interpreter in this process.
+# Triton builds triton.language's own @jit helpers (tl.zeros, ...) interpreted
+# or compiled when it is first imported, by anyone (vLLM imports it too), so
+# the switch is set here, before any test module is imported; a kernel test
+# that imported triton after vLLM had would otherwise fail on every kernel.
+# Subprocesses that must compile (engines, the AOT compile test) drop it from
+# their environment (vllm_env, test_kernel_compile).
+if "triton" not in sys.modules:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 
 def gsm8k_folder(path: Path, n: int) -> Path:
     """A harness folder for the parting readers: a GSM8K data file of ``n``
