@@ -6,8 +6,8 @@ its wheels. ``pip download --no-binary :all: vllm==0.32.0`` does fetch that
 sdist but then prepares its metadata, which needs vLLM's build dependencies
 (torch from source under ``:all:``, setuptools-rust, cmake): it fails, or
 installs gigabytes. So the sdist is taken from the package index pip uses
-($PIP_INDEX_URL, else PyPI's simple index), checked against the pinned
-sha256, and only those files are unpacked. Nothing of vLLM is committed.
+($PIP_INDEX_URL, else pip's configured index-url, else pip's own default),
+checked against the pinned sha256, and only those files are unpacked. Nothing of vLLM is committed.
 
     python tests/vllm_suite/fetch.py [DEST]     (default .vllm032)
 """
@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -36,6 +37,20 @@ TIMEOUT_S = 60
 
 class FetchError(RuntimeError):
     pass
+
+
+def _index() -> str:
+    """The index pip would use: $PIP_INDEX_URL, its configured index-url, or
+    its built-in default."""
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"]
+    r = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                       capture_output=True, text=True)
+    if r.returncode == 0 and r.stdout.strip():
+        return r.stdout.strip()
+    from pip._internal.models.index import PyPI  # pip's default index
+
+    return PyPI.simple_url
 
 
 def _sdist_url(index: str) -> str:
@@ -62,7 +77,7 @@ def fetch(dest: Path) -> Path:
     target = dest / SUITE
     if target.exists():
         return target
-    index = os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple"
+    index = _index()
     url = _sdist_url(index)
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=dest) as tmp:
