@@ -86,17 +86,23 @@ def vllm_steps(rs, n, seeds, with_q, greedy=None):
                      n, seeds, with_q, greedy)
 
 
-@pytest.mark.parametrize("strict,with_q", [(True, False), (True, True), (False, False)])
-def test_exact_fsd_matches_vllm_over_steps(rs, strict, with_q):
-    """One seeded request, K 3, the generator reused over 4 steps: strict, or
-    exact for want of a draft distribution, FSD is vLLM token for token."""
-    sampler = fsd_sampler(strict=strict)
+def assert_one_seeded_request_is_vllms(rs, sampler, with_q: bool) -> None:
+    """One request seeded 42, K 3, over 4 steps: the sampler's tokens, its
+    generator's state and the global RNG's state all equal vLLM's."""
     got, got_gens, got_rng = run_steps(
         lambda a: sampler.fly_rejection_sample(rs, **a), [3], {0: 42}, with_q)
     want, want_gens, want_rng = vllm_steps(rs, [3], {0: 42}, with_q)
     assert got == want
     assert torch.equal(got_gens[0], want_gens[0])
     assert torch.equal(got_rng, want_rng)
+
+
+@pytest.mark.parametrize("strict,with_q", [(True, False), (True, True), (False, False)])
+def test_exact_fsd_matches_vllm_over_steps(rs, strict, with_q):
+    """One seeded request, K 3, the generator reused over 4 steps: strict, or
+    exact for want of a draft distribution, FSD is vLLM token for token."""
+    sampler = fsd_sampler(strict=strict)
+    assert_one_seeded_request_is_vllms(rs, sampler, with_q)
 
 
 def test_exact_unseeded_batch_leaves_global_rng_as_vllm(rs):
@@ -132,12 +138,7 @@ def test_drafts_inside_strict_prefix_draw_nothing(rs):
     verified exactly this step: no draw from its generator."""
     runner = fake_runner([{"fly": {"strict_prefix_tokens": 64}}], [5])
     sampler = fsd_sampler(strict=False, runner=runner)
-    got, got_gens, got_rng = run_steps(
-        lambda a: sampler.fly_rejection_sample(rs, **a), [3], {0: 42}, True)
-    want, want_gens, want_rng = vllm_steps(rs, [3], {0: 42}, True)
-    assert got == want
-    assert torch.equal(got_gens[0], want_gens[0])
-    assert torch.equal(got_rng, want_rng)
+    assert_one_seeded_request_is_vllms(rs, sampler, True)
 
 
 def test_sample_from_rows():
