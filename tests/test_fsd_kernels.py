@@ -4,13 +4,11 @@ is slow."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+# Without a GPU, tests/conftest.py has set TRITON_INTERPRET=1.
 triton = pytest.importorskip("triton")
 
 from fly_vllm.fsd import DIVERGENCES, VARIANTS, divergence, fsd_verify  # noqa: E402

@@ -3,13 +3,11 @@ CPU (on a GPU they run natively). Small shapes: the interpreter is slow."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+# Without a GPU, tests/conftest.py has set TRITON_INTERPRET=1.
 triton = pytest.importorskip("triton")
 
 from fly_vllm.kernels import fly_verify_triton, row_stats  # noqa: E402

@@ -6,13 +6,11 @@ kernels (under TRITON_INTERPRET=1 on CPU) pass the check."""
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+# Without a GPU, tests/conftest.py has set TRITON_INTERPRET=1.
 triton = pytest.importorskip("triton")
 
 from fly_vllm import metrics, verify_path  # noqa: E402
