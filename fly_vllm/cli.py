@@ -16,6 +16,9 @@
         Check this node's verifiers: on a GPU the Triton kernels against the
         torch reference on random batches, then timings; on the CPU the torch
         path's invariants. Exits non-zero on any disagreement (see selftest.py).
+    fly-vllm judge mine|train ...
+        The learned judge: mine labelled mismatches for a pair, then fit the
+        head on them (see fly_vllm/judge/).
 """
 
 from __future__ import annotations
@@ -105,6 +108,37 @@ def _check_config(argv: list[str]) -> int:
     return 0
 
 
+JUDGE_VERBS = ("mine", "train")
+
+
+def _judge(argv: list[str]) -> int:
+    """``fly-vllm judge VERB ...``: fly_vllm.judge.VERB's main(argv)."""
+    import importlib
+
+    usage = f"usage: fly-vllm judge {{{','.join(JUDGE_VERBS)}}} ... (--help after the verb)"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    verb = argv[0]
+    if verb not in JUDGE_VERBS:
+        print(f"fly-vllm judge: unknown verb {verb!r}\n{usage}", file=sys.stderr)
+        return 2
+    module = f"fly_vllm.judge.{verb}"
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            print(f"fly-vllm judge {verb}: not available in this installation "
+                  f"(no module {module})", file=sys.stderr)
+        elif e.name and e.name.split(".")[0] == "fly_vllm":
+            raise
+        else:
+            print(f"fly-vllm judge {verb} needs {e.name}: install the judge extra "
+                  "(fly-vllm[judge])", file=sys.stderr)
+        return 2
+    return mod.main(argv[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -123,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         from fly_vllm.demo import main as demo_main
 
         return demo_main(rest)
+    if cmd == "judge":
+        return _judge(rest)
     if cmd == "selftest":
         from fly_vllm.selftest import main as selftest_main
 
