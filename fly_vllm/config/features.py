@@ -12,11 +12,13 @@ from fly_vllm.config.schema import (
     _ENTROPY_ONLY,
     _FLY_ONLY,
     _FSD_ONLY,
+    _JUDGE_ONLY,
     _MARGIN_ONLY,
     DEFAULT_FLEX_MAX_BATCH,
     DEFAULT_FSD_THRESHOLD,
     FSD_DIVERGENCES,
     FSD_VARIANTS,
+    GATE_UNUSED,
     GATES,
     NO_DISTRIBUTION_DRAFTERS,
     RULES,
@@ -177,13 +179,14 @@ def check_gate_keys(gate: Any, given: dict[str, Any], where: str) -> None:
     gate does not use (a margin under the entropy gate would be ignored)."""
     if gate not in GATES:
         raise FlyConfigError(f"{where}gate must be one of {list(GATES)}; got {gate!r}")
-    unused = {"entropy": _MARGIN_ONLY, "margin": _ENTROPY_ONLY}.get(gate, ())
-    stray = [k for k in unused if k in given]
+    stray = [k for k in GATE_UNUSED[gate] if k in given]
     if stray:
-        uses = "margin" if stray[0] in _MARGIN_ONLY else "entropy"
+        uses = ("margin" if stray[0] in _MARGIN_ONLY else
+                "judge" if stray[0] in _JUDGE_ONLY else "entropy")
+        also = "" if uses == "judge" else " or 'both'"
         raise FlyConfigError(
             f"{where}{stray[0]} belongs to the {uses} test, which gate {gate!r} does not "
-            f"use; remove it, or set {where}gate to {uses!r} or 'both'")
+            f"use; remove it, or set {where}gate to {uses!r}{also}")
 
 
 def check_margin(value: Any, where: str) -> float:
@@ -196,12 +199,46 @@ def check_margin(value: Any, where: str) -> float:
     return float(value)
 
 
-def _check_gate(block: dict[str, Any]) -> dict[str, Any]:
+def check_judge_threshold(value: Any, where: str) -> float:
+    """The judge's threshold: a probability in [0, 1]."""
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not 0 <= value <= 1):
+        raise FlyConfigError(
+            f"{where}judge_threshold must be a number in [0, 1] (a mismatch is accepted "
+            f"when the head's p(important) is below it); got {value!r}")
+    return float(value)
+
+
+def _check_judge(block: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """Gate ``judge``: the head file loads, and is for this config's drafter
+    (the target, hidden size and vocabulary are checked when vLLM has built
+    the target's config: plugin patch 2, and the workers)."""
+    path = block.get("judge_path")
+    if not isinstance(path, str) or not path:
+        raise FlyConfigError(
+            "fly.gate 'judge' needs fly.judge_path, the head file that `fly-vllm judge "
+            f"train` wrote for this pair; got {path!r}")
+    from fly_vllm.judge.head import JudgeHead, JudgeHeadError
+
+    try:
+        head = JudgeHead.load(path)
+        head.check_pair(drafter=spec.get("model"))
+    except JudgeHeadError as e:
+        raise FlyConfigError(f"fly.judge_path: {e}") from None
+    thr = block.get("judge_threshold")
+    return {"judge_path": path, "judge_threshold": (
+        None if thr is None else check_judge_threshold(thr, "fly."))}
+
+
+def _check_gate(block: dict[str, Any], spec: dict[str, Any] | None = None) -> dict[str, Any]:
     """FLy's gate: which test opens a mismatch to the window, and its bound."""
     gate = block.get("gate", FlyConfig.gate)
     check_gate_keys(gate, block, "fly.")
-    return {"gate": gate, "margin": check_margin(block.get("margin", FlyConfig.margin),
-                                                 "fly.")}
+    out = {"gate": gate, "margin": check_margin(block.get("margin", FlyConfig.margin),
+                                                "fly.")}
+    if gate == "judge":
+        out.update(_check_judge(block, spec or {}))
+    return out
 
 
 def check_strict_prefix(value: Any, where: str) -> int:

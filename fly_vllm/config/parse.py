@@ -181,7 +181,8 @@ def parse_fly_config(spec: dict[str, Any]) -> tuple[dict[str, Any], FlyConfig]:
     _check_number("entropy_top_k", top_k, kind=int, lo=1, hi=MAX_ENTROPY_TOP_K)
     _check_threshold(threshold, top_k, "fly.")
     window = block.get("window", min(DEFAULT_WINDOW, k - 1))
-    _check_number("window", window, kind=int, lo=1)
+    # The learned judge may run without a window (AutoJudge's rule).
+    _check_number("window", window, kind=int, lo=0 if block.get("gate") == "judge" else 1)
     if window >= k:
         raise FlyConfigError(
             f"fly.window must be smaller than num_speculative_tokens (K={k}), "
@@ -195,7 +196,7 @@ def parse_fly_config(spec: dict[str, Any]) -> tuple[dict[str, Any], FlyConfig]:
             f"got {convention!r}"
         )
     fsd = _check_fsd(block, spec, drafter)
-    gate = _check_gate(block) if fsd["rule"] == "fly" else {}
+    gate = _check_gate(block, spec) if fsd["rule"] == "fly" else {}
     prefix = check_strict_prefix(block.get("strict_prefix_tokens", 0), "fly.")
     multilevel = _check_multilevel(block, spec, drafter, fsd["rule"])
     flex = _check_flex(block, spec, k, drafter)

@@ -8,13 +8,18 @@ import math
 from typing import Any
 
 from fly_vllm.config.checks import _check_fsd_threshold, _check_threshold, _number_from_text
-from fly_vllm.config.features import check_gate_keys, check_margin, check_strict_prefix
+from fly_vllm.config.features import (
+    check_gate_keys,
+    check_judge_threshold,
+    check_margin,
+    check_strict_prefix,
+)
 from fly_vllm.config.schema import FlyConfig, FlyConfigError
 
 REQUEST_KEYS = ("strict", "strict_prefix_tokens", "gate", "entropy_threshold", "margin",
-                "window", "fsd_threshold")
+                "judge_threshold", "window", "fsd_threshold")
 # Keys of one rule only (the others apply to both).
-_RULE_KEYS = {"fly": ("gate", "entropy_threshold", "margin", "window"),
+_RULE_KEYS = {"fly": ("gate", "entropy_threshold", "margin", "judge_threshold", "window"),
               "fsd": ("fsd_threshold",)}
 
 
@@ -39,7 +44,8 @@ def request_overrides(extra_args: dict[str, Any] | None, k: int,
     integer >= 0) for both rules; ``gate`` (entropy, margin, both),
     ``entropy_threshold`` (0 up to the largest top-k entropy,
     `max_topk_entropy(top_k)`, with `top_k` the server's), ``margin`` (nats,
-    >= 0) and ``window`` (1..K-1) for rule ``fly``; ``fsd_threshold`` for
+    >= 0), ``judge_threshold`` (0..1; gate judge, which needs the server's
+    head) and ``window`` (1..K-1; 0..K-1 under the judge) for rule ``fly``; ``fsd_threshold`` for
     rule ``fsd`` (the server's ``fly`` config decides which apply). A key of
     a test the request's gate (its own, else the server's) does not use is
     an error. Returns the overrides as a dict (empty if none).
@@ -76,7 +82,13 @@ def request_overrides(extra_args: dict[str, Any] | None, k: int,
             out[key] = check_strict_prefix(v, "per-request fly ")
         elif key == "gate":
             check_gate_keys(v, {}, "per-request fly ")
+            if v == "judge" and (fly is None or fly.judge_path is None):
+                raise FlyConfigError(
+                    "per-request fly gate 'judge' needs a server started with a judge head "
+                    "(fly.gate 'judge' and fly.judge_path); this one has none")
             out[key] = v
+        elif key == "judge_threshold":
+            out[key] = check_judge_threshold(_number_from_text(v), "per-request fly ")
         elif key == "margin":
             out[key] = check_margin(_number_from_text(v), "per-request fly ")
         elif key == "fsd_threshold":
@@ -95,12 +107,14 @@ def request_overrides(extra_args: dict[str, Any] | None, k: int,
                 v = int(v)
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
-            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v < k:
-                raise FlyConfigError(
-                    f"per-request fly window must be an integer in 1..{k - 1} "
-                    f"(K={k}); got {v!r}")
             out[key] = v
     if rule == "fly":
         gate = out.get("gate", fly.gate if fly is not None else FlyConfig.gate)
         check_gate_keys(gate, out, "per-request fly ")
+        if "window" in out:
+            v, lo = out["window"], 0 if gate == "judge" else 1
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v < k:
+                raise FlyConfigError(
+                    f"per-request fly window must be an integer in {lo}..{k - 1} "
+                    f"(K={k}); got {v!r}")
     return out

@@ -29,15 +29,19 @@ DEFAULT_FSD_THRESHOLD = 0.4  # the authors' example, with "js"
 DEFAULT_FLEX_MAX_BATCH = 4
 # Drafters that propose tokens without a distribution: FSD cannot use them.
 NO_DISTRIBUTION_DRAFTERS = ("ngram", "ngram_gpu", "suffix", "medusa", "custom_class")
-GATES = ("entropy", "margin", "both")
+GATES = ("entropy", "margin", "both", "judge")
 # llama.cpp's FLy port: a mismatch is a candidate iff log p(top1) - log p(d)
 # is below 0.3 nats (ggml-org/llama.cpp discussion 24804).
 DEFAULT_MARGIN = 0.3
 _FLY_ONLY = ("entropy_threshold", "window", "entropy_top_k", "window_convention", "gate",
-             "margin")
+             "margin", "judge_path", "judge_threshold")
 # Keys of one gate only: the entropy test's, and the margin test's.
 _ENTROPY_ONLY = ("entropy_threshold", "entropy_top_k")
 _MARGIN_ONLY = ("margin",)
+_JUDGE_ONLY = ("judge_path", "judge_threshold")
+# The keys each gate does not read (a key of another gate is an error).
+GATE_UNUSED = {"entropy": _MARGIN_ONLY + _JUDGE_ONLY, "margin": _ENTROPY_ONLY + _JUDGE_ONLY,
+               "both": _JUDGE_ONLY, "judge": _ENTROPY_ONLY + _MARGIN_ONLY}
 _FSD_ONLY = ("fsd_divergence", "fsd_threshold", "fsd_variant")
 
 
@@ -64,6 +68,13 @@ class FlyConfig:
             apply whatever the gate.
         margin: the margin gate's bound in nats (>= 0). Default 0.3 (the
             llama.cpp port's). Gates ``"margin"`` and ``"both"`` only.
+        judge_path: the judge's head file (gate ``"judge"`` only, required
+            there). Checked when the config is read: it must load, and it
+            must be for this pair (target, drafter, hidden size, vocabulary).
+        judge_threshold: a mismatch is a candidate iff the head's
+            p(important) < this, in [0, 1] (higher accepts more). Default:
+            the head's own, chosen at training for 90% recall of important
+            mismatches.
         strict_prefix_tokens: N. A request's first N generated tokens are
             verified exactly; the loose rule (FLy's or FSD's) applies after
             them. Default 0. An answer picks its path in its first tokens.
@@ -136,6 +147,8 @@ class FlyConfig:
     entropy_threshold: float = 0.3
     gate: str = "entropy"
     margin: float = DEFAULT_MARGIN
+    judge_path: str | None = None
+    judge_threshold: float | None = None
     strict_prefix_tokens: int = 0
     window: int = DEFAULT_WINDOW
     entropy_top_k: int = 3
@@ -173,7 +186,7 @@ class FlyConfig:
         without the other rule's keys (an FSD config has no entropy gate)."""
         other = _FSD_ONLY if self.rule == "fly" else _FLY_ONLY
         if self.rule == "fly":
-            other += {"entropy": _MARGIN_ONLY, "margin": _ENTROPY_ONLY}.get(self.gate, ())
+            other += GATE_UNUSED[self.gate]
         return {k: v for k, v in self.to_dict().items() if k not in other}
 
     @classmethod
