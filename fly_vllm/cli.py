@@ -16,7 +16,7 @@
         Check this node's verifiers: on a GPU the Triton kernels against the
         torch reference on random batches, then timings; on the CPU the torch
         path's invariants. Exits non-zero on any disagreement (see selftest.py).
-    fly-vllm judge mine|train ...
+    fly-vllm judge mine|train|check ...
         The learned judge: mine labelled mismatches for a pair, then fit the
         head on them (see fly_vllm/judge/).
 """
@@ -108,7 +108,7 @@ def _check_config(argv: list[str]) -> int:
     return 0
 
 
-JUDGE_VERBS = ("mine", "train")
+JUDGE_VERBS = ("mine", "train", "check")
 
 
 def _judge(argv: list[str]) -> int:

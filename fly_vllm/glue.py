@@ -19,6 +19,8 @@ from vllm.v1.sample.rejection_sampler import RejectionSampler
 
 from fly_vllm import metrics
 from fly_vllm.config import FlyConfig, FlyConfigError, request_overrides
+from fly_vllm.judge.gate import judge_veto, load_gate
+from fly_vllm.judge.record import Recorder
 from fly_vllm.verifier import FlyVerifyOutput, prefix_start, token_layout
 from fly_vllm.verify_path import CheckedVerifier, Workload, select
 
@@ -138,6 +140,7 @@ class RequestSettings(NamedTuple):
     stop_strs: tuple[str, ...]
     margin: float = float("inf")  # FLy's margin gate bound; +inf = no margin test
     strict_prefix: int = 0  # first generated tokens verified exactly
+    judge: float | None = None  # the judge's threshold under gate judge, else None
 
 
 def gate_limits(gate: str, entropy_threshold: float, margin: float) -> tuple[float, float]:
@@ -172,8 +175,17 @@ class FlyRejectionSampler(RejectionSampler):
         self._per_request: dict[str, tuple] = {}
         self._tables = None  # token tables for the guards, built on first use
         self._warned_shape = False
+        # The learned judge (gate judge) and mining's recorder read the
+        # step's hidden states, which plugin patch 9 hands over as ``hidden``.
+        self._judge = load_gate(fly, runner, device or "cpu")
+        self._recorder = Recorder.from_env()
+        self.wants_hidden = self._judge is not None or self._recorder is not None
+        self.hidden: torch.Tensor | None = None  # [R, H], this step's
+        self._rows: torch.Tensor | None = None  # [T] target_logits_indices
 
     def forward(self, *args, **kwargs):
+        meta = args[0] if args else kwargs.get("metadata")
+        self._rows = getattr(meta, "target_logits_indices", None)
         token = self._active.set(self)
         try:
             return super().forward(*args, **kwargs)
@@ -212,10 +224,17 @@ class FlyRejectionSampler(RejectionSampler):
                                ov.get("entropy_threshold", fly.entropy_threshold),
                                ov.get("margin", fly.margin))
 
+        def judge(ov: dict) -> float | None:
+            if ov.get("strict", fly.strict) or ov.get("gate", fly.gate) != "judge":
+                return None
+            default = (fly.judge_threshold if fly.judge_threshold is not None
+                       else self._judge.head.threshold)
+            return ov.get("judge_threshold", default)
+
         if row is None:
             thr, margin = limits({})
             return RequestSettings(thr, fly.window, False, (), (), margin,
-                                   fly.strict_prefix_tokens)
+                                   fly.strict_prefix_tokens, judge({}))
         rid, sp = row
         cached = self._per_request.get(rid)
         if cached is not None:
@@ -235,6 +254,7 @@ class FlyRejectionSampler(RejectionSampler):
             stop_strs=(stops,) if isinstance(stops, str) else tuple(stops),
             margin=margin,
             strict_prefix=ov.get("strict_prefix_tokens", fly.strict_prefix_tokens),
+            judge=judge(ov),
         )
         if len(self._per_request) > 4096:
             self._per_request.clear()
@@ -258,7 +278,8 @@ class FlyRejectionSampler(RejectionSampler):
         span, margin bound, and the first draft position past the strict
         prefix (``loose_from``; None when no request has a prefix)."""
         win = [st.window for st in settings]
-        span = [w if self.fly.window_convention == "vllm" else w - 1 for w in win]
+        # W = 0 (the judge without a window) checks nothing under either convention.
+        span = [w if self.fly.window_convention == "vllm" else max(w - 1, 0) for w in win]
         loose_from = None
         if any(st.strict_prefix for st in settings):
             gen = num_generated or [0] * len(settings)
@@ -376,11 +397,17 @@ class FlyRejectionSampler(RejectionSampler):
         rows = self._batch_requests(batch)
         req_ids = [r[0] if r is not None else None for r in rows]
         settings = [self._settings(r) for r in rows]
+        recording = self._recorder is not None and not self._warmup.get()
+        generated = (self._num_generated(rows) if recording
+                     or any(st.strict_prefix for st in settings) else None)
         thr, window, span, margin, loose_from = self.request_params(
-            settings, device,
-            self._num_generated(rows) if any(st.strict_prefix for st in settings) else None)
+            settings, device, generated)
         masks = self.guard_masks(settings, num_draft_tokens, draft_token_ids,
                                  target_logits)
+        judged = judge_veto(self._judge, [st.judge for st in settings], num_draft_tokens,
+                            self.hidden, self._rows, target_logits, draft_token_ids)
+        if judged is not None:
+            masks["judge"] = judged
         veto = None
         for m in masks.values():
             veto = m if veto is None else veto | m
@@ -411,6 +438,9 @@ class FlyRejectionSampler(RejectionSampler):
             )
         if not self._warmup.get():
             self._record(out, cu_num_draft_tokens, masks, req_ids)
+        if recording:
+            self._recorder.record(req_ids, generated, out.native, cu_num_draft_tokens,
+                                  draft_token_ids, target_logits, self.hidden, self._rows)
         return out.output_token_ids
 
     def _fsd_verify(self, draft_token_ids, cu_num_draft_tokens, target_logits,

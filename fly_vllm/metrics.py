@@ -78,11 +78,14 @@ SCALARS = (
     ("digit_guard_vetoes", "Loose accepts vetoed by the digit guard."),
     ("structured_guard_vetoes", "Loose accepts vetoed inside structured output."),
     ("eos_stop_guard_vetoes", "Loose accepts of EOS, stop tokens or stop strings vetoed."),
+    ("judge_vetoes",
+     "Candidate mismatches the learned judge called important (p(important) >= "
+     "judge_threshold) and rejected (gate judge)."),
     ("prefix_exact_mismatches",
      "Mismatches inside a request's strict prefix (strict_prefix_tokens), verified "
      "exactly."),
 )
-GUARD_RULES = ("digits", "structured", "eos_stop")
+GUARD_RULES = ("digits", "structured", "eos_stop", "judge")
 ACCEPT_RULES = ("fly", "fsd")
 # The drafter's counters (proposer side), after the verifier's slots.
 DRAFTER_SCALARS = (

@@ -39,7 +39,14 @@ patch checks that the vLLM symbol it wraps exists (supported: 0.32.x, 0.33.x):
    where the batch schedule gives K = 0, the drafter is skipped and later
    caught up (fly_vllm/drafter.py).
 
-Patches 4 to 8 live in heavy vLLM modules (or the OpenAI server's); they are
+9. ``GPUModelRunner.sample_tokens`` (gate ``judge``, or mining's recorder
+   only): before sampling, the step's ``sample_hidden_states`` (the target's
+   final hidden states at the rows whose logits are verified, kept by vLLM in
+   ``execute_model_state``) are handed to the :class:`FlyRejectionSampler`,
+   so the judge reads them from the verification pass itself; they are
+   dropped after the step.
+
+Patches 4 to 9 live in heavy vLLM modules (or the OpenAI server's); they are
 patched when vLLM first imports them (or at once if already imported), so the front-end process does
 not import the model runner just to load the plugin.
 """
@@ -301,6 +308,23 @@ def _patch_model_runner_module(mod) -> None:
         return take_draft_token_ids
 
     _wrap(runner_cls, "take_draft_token_ids", make_take)
+
+    def make_sample(original):
+        @functools.wraps(original)
+        def sample_tokens(self, *args, **kwargs):
+            sampler = getattr(self, "rejection_sampler", None)
+            if not getattr(sampler, "wants_hidden", False):
+                return original(self, *args, **kwargs)
+            state = getattr(self, "execute_model_state", None)
+            sampler.hidden = getattr(state, "sample_hidden_states", None)
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                sampler.hidden = None
+
+        return sample_tokens
+
+    _wrap(runner_cls, "sample_tokens", make_sample)
 
 
 def _patch_proposer_module(mod) -> None:

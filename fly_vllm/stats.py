@@ -46,7 +46,9 @@ def format_line(delta: np.ndarray) -> str | None:
         f"{drafted} drafted), uncertain mismatches "
         f"{int(delta[idx['uncertain_mismatches']])}, gated "
         f"{int(delta[idx['gated_mismatches']])}, vetoes: -inf "
-        f"{int(delta[idx['guard_vetoes']])}, guards {guards}, loose by position "
+        f"{int(delta[idx['guard_vetoes']])}, guards {guards}"
+        + (f", judge {int(delta[idx['judge_vetoes']])}" if delta[idx['judge_vetoes']] else "")
+        + ", loose by position "
         f"{[int(x) for x in per_pos[:last]]}"
         + (f", loose by rule: {by_rule}" if by_rule else "")
         + _drafter_part(delta, idx)

@@ -260,3 +260,28 @@ def test_flex_decoding_hooks(root):
                               "create_engine_config"))
     assert (args.index("self.create_speculative_config(")
             < args.index("async_scheduling=self.async_scheduling"))
+
+
+@pytest.mark.parametrize("root", roots())
+def test_judge_hidden_states_hooks(root):
+    """Patch 9: sample_tokens reads execute_model_state.sample_hidden_states
+    (the rows compute_logits turned into the verified logits) before it
+    clears the state and samples; the rejection sampler's first argument
+    carries target_logits_indices into those rows."""
+    tree = module(root, "v1/worker/gpu_model_runner.py")
+    state = find(tree, "ExecuteModelState", ast.ClassDef)
+    fields = [n.target.id for n in state.body if isinstance(n, ast.AnnAssign)]
+    assert "sample_hidden_states" in fields
+    sample = ast.unparse(method(tree, "GPUModelRunner", "sample_tokens"))
+    assert sample.index("= self.execute_model_state") < sample.index(
+        "self.execute_model_state = None") < sample.index("self._sample(")
+    assert "logits = self.model.compute_logits(sample_hidden_states)" in ast.unparse(
+        method(tree, "GPUModelRunner", "execute_model"))
+    assert "self.rejection_sampler(spec_decode_metadata," in ast.unparse(
+        method(tree, "GPUModelRunner", "_sample")).replace("\n", " ").replace("  ", "")
+    meta = module(root, "v1/spec_decode/metadata.py")
+    fields = [n.target.id for n in find(meta, "SpecDecodeMetadata", ast.ClassDef).body
+              if isinstance(n, ast.AnnAssign)]
+    assert "target_logits_indices" in fields
+    rs = module(root, "v1/sample/rejection_sampler.py")
+    assert params(method(rs, "RejectionSampler", "forward"))[:2] == ["self", "metadata"]
