@@ -4,6 +4,7 @@ run end to end on the tiny pair."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -48,6 +49,11 @@ def test_paired_flips_and_mcnemar():
     assert scoring.mcnemar_exact(5, 0) == pytest.approx(2 / 32)
     assert scoring.mcnemar_exact(0, 10) == scoring.mcnemar_exact(10, 0) == pytest.approx(2 / 1024)
     assert scoring.mcnemar_exact(3, 3) == 1.0
+    # Twice the smaller tail of Bin(r2w + w2r, 1/2), either way round.
+    assert scoring.mcnemar_exact(0, 1) == scoring.mcnemar_exact(2, 1) == 1.0
+    tail = sum(math.comb(35, i) for i in range(17)) / 2 ** 35
+    assert scoring.mcnemar_exact(16, 19) == scoring.mcnemar_exact(19, 16) == pytest.approx(
+        2 * tail, rel=1e-12)
     # Paired by item id, whatever the order each run finished in.
     base = {"a": 1.0, "b": 1.0, "c": 0.0, "d": 0.0, "e": 1.0}
     mode = {"e": 1.0, "d": 1.0, "c": 0.0, "b": 0.0, "a": 0.0, "z": 1.0}
@@ -202,6 +208,25 @@ def test_exact_binomial_interval():
     assert scoring.exact_ci(97, 100) == pytest.approx((0.9148, 0.9938), abs=1e-4)
     assert scoring.exact_ci(0, 10)[0] == 0.0 and scoring.exact_ci(10, 10)[1] == 1.0
     assert scoring.binom_bound(60, 60, 0.05) == pytest.approx(0.05 ** (1 / 60))
+    # alpha is one-sided: the lower bound p has P[Bin(n, p) >= k] = alpha, the
+    # upper P[Bin(n, p) <= k] = alpha; the two-sided interval spends alpha / 2 each.
+    for k, n, alpha in ((1, 5, 0.05), (397, 500, 0.025), (640, 664, 0.0167)):
+        lo = scoring.binom_bound(k, n, alpha)
+        hi = scoring.binom_bound(k, n, alpha, upper=True)
+        assert sum(math.comb(n, i) * lo ** i * (1 - lo) ** (n - i)
+                   for i in range(k, n + 1)) == pytest.approx(alpha, rel=1e-9)
+        assert sum(math.comb(n, i) * hi ** i * (1 - hi) ** (n - i)
+                   for i in range(k + 1)) == pytest.approx(alpha, rel=1e-9)
+        assert scoring.exact_ci(k, n, 2 * alpha) == (lo, hi)
+    assert scoring.binom_bound(5, 5, 0.05, upper=True) == 1.0
+    assert math.isnan(scoring.binom_bound(0, 0, 0.05))
+
+
+def test_scoring_imports_scipy_lazily():
+    # The plugin imports scoring; scipy comes in only when an interval is asked for.
+    code = ("import sys; import fly_vllm.bench.scoring; "
+            "assert 'scipy' not in sys.modules, 'scipy imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_points_skip_and_bf16_warning(tmp_path, monkeypatch):

@@ -8,7 +8,6 @@ empty temporary folder, with a time limit, an address-space limit, and, where
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import re
@@ -125,22 +124,18 @@ def binom_bound(k: int, n: int, alpha: float, upper: bool = False) -> float:
     """One-sided exact (Clopper-Pearson) confidence bound of a proportion
     k / n at level 1 - alpha: the lower bound is the p with
     P[Bin(n, p) >= k] = alpha (0 for k = 0), the upper the p with
-    P[Bin(n, p) <= k] = alpha (1 for k = n)."""
+    P[Bin(n, p) <= k] = alpha (1 for k = n). The lower bound is the alpha
+    quantile of Beta(k, n - k + 1) (scipy, imported here: the plugin runs
+    without it)."""
     if n <= 0:
         return float("nan")
     if upper:
         return 1.0 - binom_bound(n - k, n, alpha)
     if k <= 0:
         return 0.0
+    from scipy.stats import beta
 
-    def tail(p: float) -> float:  # P[X >= k]
-        return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
-
-    lo, hi = 0.0, k / n
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if tail(mid) < alpha else (lo, mid)
-    return lo
+    return float(beta.ppf(alpha, k, n - k + 1))
 
 
 def exact_ci(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
@@ -149,14 +144,14 @@ def exact_ci(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
 
 
 def mcnemar_exact(right_to_wrong: int, wrong_to_right: int) -> float:
-    """Two-sided exact McNemar p-value: the binomial test of the discordant
-    pairs against an even split (1.0 when there are none)."""
+    """Two-sided exact McNemar p-value: scipy's binomial test of the
+    discordant pairs against an even split (1.0 when there are none)."""
     n = right_to_wrong + wrong_to_right
     if n == 0:
         return 1.0
-    k = min(right_to_wrong, wrong_to_right)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    from scipy.stats import binomtest
+
+    return float(binomtest(min(right_to_wrong, wrong_to_right), n, 0.5).pvalue)
 
 
 def aligned(mode: dict[str, float], base: dict[str, float]) -> tuple[list, list]:
