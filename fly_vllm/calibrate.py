@@ -296,6 +296,12 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.retention <= 1:
         print("fly-vllm calibrate: --retention must be in (0, 1]", file=sys.stderr)
         return 2
+    try:  # the intervals (bench/scoring.py); checked before any engine runs
+        import scipy.stats  # noqa: F401
+    except ImportError:
+        print("fly-vllm calibrate needs scipy for its exact intervals: pip install scipy",
+              file=sys.stderr)
+        return 2
     if args.plot:
         try:
             import matplotlib  # noqa: F401
