@@ -183,6 +183,25 @@ def combine(out: Path) -> dict[str, np.ndarray]:
     return {k: np.concatenate([d[k] for d in loaded]) for k in loaded[0]}
 
 
+def machine() -> dict:
+    """Where the figures come from: platform, cores, the CPU's model and the
+    flags that decide its fp32/bf16 speed."""
+    info = {"platform": platform.platform(), "cores": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if line.startswith("model name") and "cpu" not in info:
+            info["cpu"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            info["flags"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+                             if f in have]
+            break
+    return info
+
+
 def write_dataset(out: Path, args, pair: dict, started: str) -> dict:
     data = combine(out)
     logs = [json.loads(f.read_text()) for f in sorted((out / "chunks").glob("chunk-*.json"))]
@@ -203,8 +222,7 @@ def write_dataset(out: Path, args, pair: dict, started: str) -> dict:
         "capped": sum(x["capped"] for x in items),
         "seconds": secs, "tokens": toks,
         "seconds_per_1000_labels": (1000 * (secs["answer"] + secs["swap"]) / n) if n else None,
-        "machine": {"platform": platform.platform(), "cpu": platform.processor(),
-                    "cores": os.cpu_count()},
+        "machine": machine(),
         "started": started, "updated": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "fly-vllm judge mine " + " ".join(args.argv),
     }
