@@ -55,6 +55,7 @@ import numpy as np
 
 from fly_vllm.judge.features import COMPONENTS, HIDDEN, SCALARS, assemble, check_spec
 from fly_vllm.judge.head import JudgeHead
+from fly_vllm.judge.report import fmt, fmt_ci, jsonable, pct, write_report
 
 PROG = "fly-vllm judge train"
 DEFAULT_C_GRID = tuple(float(10.0 ** (e / 2)) for e in range(-12, 3))  # 1e-6 .. 1e1
@@ -248,7 +249,7 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, grid, folds: int,
     for c in sorted(grid):
         score, oof = cross_validate(x, y, groups, c, folds)
         by_c.append({"C": c, "cv_auc": score})
-        log(f"[{PROG}] {label}C={c:.3g}: CV AUC {_f(score, 4)}")
+        log(f"[{PROG}] {label}C={c:.3g}: CV AUC {fmt(score, 4)}")
         if score is not None and (best is None or score > best["cv_auc"]):
             best = {"C": c, "cv_auc": score, "oof": oof}
     if best is None:
@@ -328,7 +329,7 @@ def learning_curve(x_tr: np.ndarray, y_tr: np.ndarray, item_tr: np.ndarray, x_te
             p = fit(x_tr[rows], y_tr[rows], C).predict_proba(x_te)[:, 1]
             point["test_auc"] = auc(y_te, p)
         log(f"[{PROG}] learning curve: {k} training items -> held-out AUC "
-            f"{_f(point['test_auc'], 4)}")
+            f"{fmt(point['test_auc'], 4)}")
         out.append(point)
     return out
 
@@ -534,238 +535,18 @@ def train(data: dict[str, np.ndarray], meta: dict[str, Any], *, specs, c_grid=DE
         "test_share": test_share,
         "seed": seed,
         "bootstrap": n_boot,
-        "not_converged_fits": _NOT_CONVERGED["fits"],
+        "not_converged_fits": _NOT_CONVERGED["fits"], "max_iter": MAX_ITER,
         "mining": {k: v for k, v in meta.items() if k != "pair"},
         "sklearn": sklearn.__version__,
         "python": platform.python_version(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
     }
-    summary = _jsonable(summary)
+    summary = jsonable(summary)
     head = head_from_pipeline(pipe, spec, threshold, pair, summary)
     report = {"summary": summary, "pair": pair, "test_items": [int(i) for i in test_items],
               "curves": curves(y_te, scores) if two_classes else None}
     return Trained(head, report, pipe, te)
-
-
-# ------------------------------------------------------------------ report
-
-def _f(v, digits: int = 3) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def _ci(v) -> str:
-    return "n/a" if v is None else f"[{v[0]:.3f}, {v[1]:.3f}]"
-
-
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"
-
-
-def _pct_ci(v) -> str:
-    return "" if v is None else f"[{_pct(v[0])}, {_pct(v[1])}]"
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    s = report["summary"]
-    pair = report["pair"]
-    lines = [
-        "# Judge head: training report",
-        "",
-        f"Pair: target `{pair.get('target')}`, drafter `{pair.get('drafter')}`; task "
-        f"`{s['mining'].get('task')}`, K = {s['mining'].get('k')}. {s['date']}, "
-        f"scikit-learn {s['sklearn']}.",
-        "",
-        f"Command: `{s.get('command', '')}`",
-        "",
-        f"{s['n_labels']} labelled mismatches ({_pct(s['important_share'])} important) from "
-        f"{s['n_items']} items; {s['n_unlabelled_dropped']} unlabelled rows dropped. "
-        f"Split by item (seed {s['seed']}): {s['n_train_items']} training items "
-        f"({s['n_train_rows']} rows), {s['n_test_items']} held out ({s['n_test_rows']} rows). "
-        f"Every AUC is P(an important mismatch has the larger value), ties half: 0.5 is "
-        "chance, 1 separates them perfectly.",
-        "",
-        "## Feature specs (cross-validated on the training items)",
-        "",
-        f"{s['folds']}-fold cross-validation by item; each spec at its best C.",
-        "",
-        "| features | C | CV AUC |",
-        "|---|---|---|",
-    ]
-    for row in s["ablation"]:
-        mark = " (chosen)" if row["features"] == s["features"] else ""
-        lines.append(f"| {'+'.join(row['features'])}{mark} | {row['C']:.3g} | "
-                     f"{_f(row['cv_auc'])} |")
-    lines += [
-        "",
-        "## Held-out items",
-        "",
-        "| figure | value |",
-        "|---|---|",
-        f"| features | {'+'.join(s['features'])} |",
-        f"| C | {s['C']:.3g} |",
-        f"| ROC AUC | {_f(s['test_auc'])} |",
-        f"| 95% interval (items resampled, {s['bootstrap']} draws) | {_ci(s['test_auc_ci'])} |",
-        f"| average precision | {_f(s['ap'])} (base rate {_pct(s['test_important_share'])}) |",
-        "",
-        "## Baselines on the same held-out rows (read raw)",
-        "",
-        "| signal | AUC | 95% interval |",
-        "|---|---|---|",
-        f"| head | {_f(s['test_auc'])} | {_ci(s['test_auc_ci'])} |",
-    ]
-    for name, b in s["baselines"].items():
-        lines.append(f"| {b['reads']} | {_f(b['auc'])} | {_ci(b['auc_ci'])} |")
-    lines += [
-        "",
-        "An AUC below 0.5 means that the smaller value goes with importance; a gate "
-        "reading that signal the other way round would score 1 - AUC.",
-        "",
-        "## Learning curve (same C, held-out AUC)",
-        "",
-        "| training items | rows | held-out AUC |",
-        "|---|---|---|",
-    ]
-    for p in s["learning_curve"]:
-        lines.append(f"| {p['n_items']} ({p['fraction']:.0%}) | {p['n_rows']} | "
-                     f"{_f(p['test_auc'])} |")
-    lines += [
-        "",
-        "## Thresholds (the gate accepts a mismatch when p < t)",
-        "",
-        "t is set on the out-of-fold training scores for the target recall (the share of "
-        "important mismatches with p >= t); the accepted shares are on the held-out rows. "
-        "Accepted unimportant is the gain, accepted important the harm.",
-        "",
-        "| target recall | t | OOF recall | accepted unimportant | accepted important "
-        "(95% interval) | accepted, all |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in s["thresholds"]:
-        tgt = "p < 0.5" if r["target_recall"] is None else f"{r['target_recall']:g}"
-        if r["default"]:
-            tgt += " (default)"
-        lines.append(f"| {tgt} | {r['threshold']:.4f} | {_pct(r['oof_recall'])} | "
-                     f"{_pct(r['accepted_unimportant'])} | {_pct(r['accepted_important'])} "
-                     f"{_pct_ci(r['accepted_important_ci'])} | {_pct(r['accepted_all'])} |")
-    lines += ["", "## What this sample can and cannot show", ""]
-    lines += [f"- {sentence}" for sentence in _readings(s)]
-    lines += ["", "![ROC and precision/recall](pr.png)", ""]
-    return "\n".join(lines)
-
-
-def _readings(s: dict[str, Any]) -> list[str]:
-    out = []
-    ci = s["test_auc_ci"]
-    if ci is None:
-        out.append("The held-out items are too few (or hold one class) for an AUC interval: "
-                   "this run shows nothing about how well the head generalises.")
-    else:
-        w = ci[1] - ci[0]
-        verdict = ("above chance" if ci[0] > 0.5 else
-                   "not shown to be better than chance" if ci[1] >= 0.5 else "below chance")
-        out.append(f"The held-out AUC rests on {s['n_test_items']} items ({s['n_test_rows']} "
-                   f"rows); its 95% interval is {w:.3f} wide, so AUC differences smaller than "
-                   f"about {w / 2:.3f} are not resolved by this sample. The head is {verdict} "
-                   "on it.")
-        beaten = [b["reads"] for b in s["baselines"].values()
-                  if b["auc_ci"] is not None and b["auc_ci"][1] < ci[0]]
-        if beaten:
-            out.append(f"The head's interval lies above those of {', '.join(beaten)}.")
-        elif s["baselines"]:
-            out.append("The intervals of the head and of at least one raw signal overlap: "
-                       "this sample does not show that the head beats every one of them.")
-    out.append("C and the feature spec were chosen by cross-validation on the training items "
-               "only, so the held-out figures are not inflated by that choice. The CV AUCs of "
-               "the ablation table are: each is the best over the C grid, and the chosen one "
-               "the best over the specs too, so they read a little high.")
-    lc = [p["test_auc"] for p in s["learning_curve"]]
-    if len(lc) >= 2 and lc[-1] is not None and lc[-2] is not None:
-        gain = lc[-1] - lc[-2]
-        if ci is not None and abs(gain) < (ci[1] - ci[0]) / 2:
-            out.append(f"From {s['learning_curve'][-2]['fraction']:.0%} to 100% of the training "
-                       f"items the held-out AUC moved by {gain:+.3f}, within the noise of the "
-                       "held-out sample: it does not show whether more labels would help.")
-        else:
-            out.append(f"From {s['learning_curve'][-2]['fraction']:.0%} to 100% of the training "
-                       f"items the held-out AUC moved by {gain:+.3f}"
-                       + ("; more labels would likely help." if gain > 0 else "."))
-    default = next((r for r in s["thresholds"] if r["default"]), None)
-    if default is not None and default["accepted_important_ci"] is not None:
-        lo, hi = default["accepted_important_ci"]
-        out.append(f"At the default threshold {default['threshold']:.4f} (recall "
-                   f"{s['recall']:g} on out-of-fold scores) the gate accepted "
-                   f"{_pct(default['accepted_important'])} of the "
-                   f"{default['n_important']} held-out important mismatches (95% interval "
-                   f"{_pct(lo)} to {_pct(hi)}) and {_pct(default['accepted_unimportant'])} of "
-                   "the unimportant ones.")
-    out.append("Labels say whether accepting one mismatch changed the final answer on this "
-               "task and pair; they say nothing about other tasks, and a mismatch accepted "
-               "alongside others may act differently from one accepted alone.")
-    if s["not_converged_fits"]:
-        out.append(f"{s['not_converged_fits']} fits stopped at max_iter={MAX_ITER} before "
-                   "converging (typically the largest C values).")
-    return out
-
-
-def plot_report(report: dict[str, Any], path: str | Path) -> bool:
-    """pr.png: ROC and precision/recall of the head and the baselines on the
-    held-out rows. False (nothing drawn) without both classes there."""
-    if not report.get("curves"):
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s = report["summary"]
-    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(11, 4.8))
-    for name, c in report["curves"].items():
-        a = s["test_auc"] if name == "head" else s["baselines"][name]["auc"]
-        label = ("head (" + "+".join(s["features"]) + ")" if name == "head"
-                 else s["baselines"][name]["reads"])
-        style = {"lw": 2.2} if name == "head" else {"lw": 1.2, "ls": "--"}
-        ax_roc.plot(c["roc"]["x"], c["roc"]["y"], label=f"{label}: AUC {_f(a)}", **style)
-        ax_pr.plot(c["pr"]["x"], c["pr"]["y"], label=label, **style)
-    ax_roc.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
-    ax_roc.set(xlabel="unimportant flagged (false positive rate)",
-               ylabel="important flagged (true positive rate)",
-               title=f"ROC, held-out ({s['n_test_items']} items, {s['n_test_rows']} rows)")
-    base = s["test_important_share"] or 0.0
-    ax_pr.axhline(base, color="grey", lw=0.8, ls=":", label=f"base rate {base:.2f}")
-    ax_pr.set(xlabel="recall of important", ylabel="precision",
-              title=f"precision/recall, held-out (AP {_f(s['ap'])})", ylim=(0, 1.02))
-    ax_roc.legend(fontsize=8, loc="lower right")
-    ax_pr.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-def write_report(report: dict[str, Any], folder: str | Path) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(_jsonable(report), indent=1) + "\n")
-    (folder / "report.md").write_text(report_markdown(report))
-    plot_report(report, folder / "pr.png")
-    return folder
 
 
 # --------------------------------------------------------------------- CLI
@@ -822,13 +603,13 @@ def run(args: argparse.Namespace) -> int:
     folder = write_report(report, args.report_dir or Path(args.mine_dir) / "train-report")
 
     s = head.summary
-    log(f"[{PROG}] head: {'+'.join(s['features'])}, C={s['C']:.3g}, CV AUC {_f(s['cv_auc'])}; "
-        f"held-out AUC {_f(s['test_auc'])} {_ci(s['test_auc_ci'])}, AP {_f(s['ap'])}; "
-        + ", ".join(f"{b['reads']} {_f(b['auc'])}" for b in s["baselines"].values()))
+    log(f"[{PROG}] head: {'+'.join(s['features'])}, C={s['C']:.3g}, CV AUC {fmt(s['cv_auc'])}; "
+        f"held-out AUC {fmt(s['test_auc'])} {fmt_ci(s['test_auc_ci'])}, AP {fmt(s['ap'])}; "
+        + ", ".join(f"{b['reads']} {fmt(b['auc'])}" for b in s["baselines"].values()))
     d = next(r for r in s["thresholds"] if r["default"])
     log(f"[{PROG}] threshold {head.threshold:.4f} (recall {s['recall']:g}): held out, accepts "
-        f"{_pct(d['accepted_unimportant'])} of unimportant and "
-        f"{_pct(d['accepted_important'])} of important mismatches")
+        f"{pct(d['accepted_unimportant'])} of unimportant and "
+        f"{pct(d['accepted_important'])} of important mismatches")
     log(f"[{PROG}] wrote {out} and {folder}/ (report.md, report.json, pr.png)")
     return 0
 
