@@ -91,6 +91,10 @@ def test_judge_veto_only_touches_judged_requests(tmp_path):
     assert v.tolist() == [True, True, True, False, False]
     v = judge_veto(gate, [1.0, 0.0], [3, 2], hidden, rows, logits, drafts)
     assert v[3:].all() and not v[:3].any()
+    # A step without drafts (every request's K cut to 0) scores nothing.
+    assert judge_veto(gate, [0.5], [0], hidden, rows[:0], logits[:0], drafts[:0]) is None
+    empty = gate.important(hidden, rows[:0], logits[:0], drafts[:0], torch.zeros(0))
+    assert empty.shape == (0,)
 
 
 def test_window_zero_rescues_any_candidate():

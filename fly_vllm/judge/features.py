@@ -97,7 +97,10 @@ def assemble(parts: dict, spec) -> torch.Tensor | object:
     cols = []
     for name in check_spec(spec):
         x = parts[name]
-        cols.append(x.reshape(x.shape[0], -1))
+        per_row = 1
+        for d in x.shape[1:]:
+            per_row *= int(d)
+        cols.append(x.reshape(x.shape[0], per_row))  # also for 0 rows
     if isinstance(cols[0], torch.Tensor):
         x = torch.cat([c.float() for c in cols], dim=1)
         return torch.nan_to_num(x, nan=0.0, posinf=1e4, neginf=-1e4)

@@ -85,7 +85,7 @@ def judge_veto(gate: JudgeGate | None, thresholds: list, num_draft_tokens: list[
     """[T] bool: drafts of judge-gated requests the judge calls important;
     None when no request in the batch uses the judge. ``thresholds`` [B]
     holds each request's judge threshold, None for other gates."""
-    if gate is None or all(t is None for t in thresholds):
+    if gate is None or draft_token_ids.shape[0] == 0 or all(t is None for t in thresholds):
         return None
     per_draft = [t for t, n in zip(thresholds, num_draft_tokens) for _ in range(n)]
     device = target_logits.device
