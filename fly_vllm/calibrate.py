@@ -66,6 +66,9 @@ DEFAULT_FLY_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
 DEFAULT_FLY_WINDOWS = (1, 2, 3, 4, 6)
 DEFAULT_MARGINS = (0.1, 0.3, 0.7)
 DEFAULT_GATES = ("entropy", "margin")
+# The judge's thresholds when neither --judge-thresholds nor the head's own
+# table (its summary's "thresholds", chosen by recall at training) gives any.
+DEFAULT_JUDGE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)
 DEFAULT_FSD_THRESHOLDS = {"js": (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5),
                           "tv": (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)}
 
@@ -161,10 +164,12 @@ def part_stats(stats: list[dict], idx: list[int]) -> float | None:
 def grid_points(fly, k: int, thresholds: list[float] | None,
                 windows: list[int] | None, gates: list[str] | None = None,
                 margins: list[float] | None = None,
-                prefixes: list[int] | None = None) -> list[dict[str, Any]]:
+                prefixes: list[int] | None = None,
+                judge_thresholds: list[float] | None = None) -> list[dict[str, Any]]:
     """The per-request overrides to try: for FLy, each gate x window,
     loosest-last within each (``gates`` default: the entropy gate alone; a
-    "both" point pairs every threshold with every margin); for FSD, each
+    "both" point pairs every threshold with every margin; the judge tries
+    ``judge_thresholds``, else the head's recall table, at W 0 too); for FSD, each
     threshold; every point at each strict prefix N (0: none). Each FLy point
     names its gate, so it means the same whatever the server's gate."""
     prefixes = sorted(set(prefixes or [0]))
@@ -194,12 +199,32 @@ def grid_points(fly, k: int, thresholds: list[float] | None,
     tests = {"entropy": [{"entropy_threshold": t} for t in ts],
              "margin": [{"margin": m} for m in ms],
              "both": [{"entropy_threshold": t, "margin": m} for t in ts for m in ms]}
+    if "judge" in gates:
+        if fly.judge_path is None:
+            raise SystemExit("--gates judge needs a config with a judge head "
+                             "(fly.gate 'judge', fly.judge_path)")
+        tests["judge"] = [{"judge_threshold": t}
+                          for t in judge_grid(fly.judge_path, judge_thresholds)]
     pts = [{"gate": g, **test, "window": w}
-           for g in gates for w in ws for test in tests[g]]
+           for g in gates for w in ([0, *ws] if g == "judge" else ws) for test in tests[g]]
     if not pts:
         raise SystemExit(f"no grid point fits: windows must be 1..{k - 1} (K={k}), "
                          f"thresholds 0..{top:.4g} and margins >= 0")
     return with_prefixes(pts)
+
+
+def judge_grid(path: str, given: list[float] | None) -> list[float]:
+    """The judge thresholds to try, loosest last: ``given``, else those of the
+    head's recall table, else DEFAULT_JUDGE_THRESHOLDS."""
+    from fly_vllm.judge.head import JudgeHead
+
+    if given:
+        ts = given
+    else:
+        rows = JudgeHead.load(path).summary.get("thresholds") or []
+        ts = [r["threshold"] for r in rows if r.get("threshold") is not None]
+        ts = ts or list(DEFAULT_JUDGE_THRESHOLDS)
+    return sorted({float(t) for t in ts if 0 <= t <= 1})
 
 
 def choose(rows: list[dict], target: float, floor: float | None = None) -> dict | None:
@@ -274,7 +299,7 @@ def plot_curve(path: str, rows: list[dict], chosen: dict | None, retention: floa
 
 def _short_point(p: dict) -> str:
     names = {"entropy_threshold": "t", "window": "W", "fsd_threshold": "T", "margin": "m",
-             "strict_prefix_tokens": "N"}
+             "strict_prefix_tokens": "N", "judge_threshold": "j"}
     return " ".join(f"{names.get(k, k)}={v:g}" for k, v in p.items()
                     if not isinstance(v, str))
 
@@ -320,8 +345,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.holdout < 1:
         print("fly-vllm calibrate: --holdout must be a share in [0, 1)", file=sys.stderr)
         return 2
-    points = grid_points(fly, k, args.thresholds, args.windows,
-                         args.gates or list(DEFAULT_GATES), args.margins, args.strict_prefix)
+    gates = args.gates or (["judge"] if fly.gate == "judge" else list(DEFAULT_GATES))
+    points = grid_points(fly, k, args.thresholds, args.windows, gates, args.margins,
+                         args.strict_prefix, args.judge_thresholds)
     prompts = read_prompts(args.prompts)
     n_all = len(prompts)
     calib, held = split_holdout(n_all, args.holdout, args.holdout_seed)
@@ -488,8 +514,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--windows", type=_ints, default=None,
                     help="comma-separated windows W (FLy only; each < K)")
     ap.add_argument("--gates", type=_names, default=None,
-                    help="FLy gates to try, comma-separated: entropy, margin, both "
-                    "(default entropy,margin)")
+                    help="FLy gates to try, comma-separated: entropy, margin, both, judge "
+                    "(default entropy,margin; judge for a config with a judge head)")
+    ap.add_argument("--judge-thresholds", type=_floats, default=None,
+                    help="comma-separated judge thresholds (p(important) below which a "
+                    "mismatch may be kept; default: the head's recall table)")
     ap.add_argument("--margins", type=_floats, default=None,
                     help="comma-separated margins in nats for the margin and both gates "
                     f"(default {','.join(f'{m:g}' for m in DEFAULT_MARGINS)})")

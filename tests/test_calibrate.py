@@ -192,3 +192,33 @@ def test_calibrate_holds_out_prompts_and_reports_them(tiny_pair, tmp_path):
     assert "Out of sample, on the 4 held-out prompts" in out.read_text()
     assert "held out" in r.stdout
     parse_fly_config(load_speculative_config(str(out)))
+
+
+def test_judge_grid(tmp_path):
+    """Gate judge: thresholds loosest last (from --judge-thresholds, else the
+    head's recall table), at W 0 and the given windows; every point is a
+    valid per-request setting on the judge's server; without a head the
+    gate is refused."""
+    import numpy as np
+
+    from fly_vllm.config import request_overrides
+    from fly_vllm.judge.head import JudgeHead
+
+    JudgeHead(("margin",), np.ones(1), 0.0, np.zeros(1), np.ones(1), 0.2,
+              {"drafter": "d", "hidden_size": 8, "vocab_size": 10},
+              summary={"thresholds": [{"threshold": 0.31}, {"threshold": 0.07},
+                                      {"threshold": None}]}).save(tmp_path / "h.json")
+    _, fly = parse_fly_config({"method": "fly", "model": "d", "num_speculative_tokens": 4,
+                               "fly": {"gate": "judge",
+                                       "judge_path": str(tmp_path / "h.json")}})
+    pts = grid_points(fly, 4, None, [2], gates=["judge"])
+    assert pts == [{"gate": "judge", "judge_threshold": t, "window": w}
+                   for w in (0, 2) for t in (0.07, 0.31)]
+    pts = grid_points(fly, 4, None, [1], gates=["judge", "margin"], margins=[0.3],
+                      judge_thresholds=[0.5, 0.1, 2.0])
+    assert [p.get("judge_threshold") for p in pts[:4]] == [0.1, 0.5, 0.1, 0.5]
+    for p in pts:
+        assert request_overrides({"fly": p}, 4, 3, fly) == p
+    _, plain = parse_fly_config({"method": "fly", "model": "d", "num_speculative_tokens": 4})
+    with pytest.raises(SystemExit, match="needs a config with a judge head"):
+        grid_points(plain, 4, None, None, gates=["judge"])
