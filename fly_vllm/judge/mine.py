@@ -118,7 +118,8 @@ def mine_chunk(llm, items, args, rec_dir: Path, rng: random.Random) -> dict[str,
     rec_dir.mkdir(parents=True)
     greedy = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     t0 = time.perf_counter()
-    outs = llm.chat([it.messages for it in items], greedy, use_tqdm=False)
+    _log(f"answering {len(items)} items ({items[0].id}..{items[-1].id}) under strict SD")
+    outs = llm.chat([it.messages for it in items], greedy, use_tqdm=args.progress)
     t_answer = time.perf_counter() - t0
     (rec_dir / record.PAUSE_FILE).touch()
     recs = record.read(rec_dir)
@@ -148,7 +149,8 @@ def mine_chunk(llm, items, args, rec_dir: Path, rng: random.Random) -> dict[str,
         ids = list(o.prompt_token_ids) + out_ids[:p] + [int(recs["draft"][r])]
         prompts.append(TokensPrompt(prompt_token_ids=ids))
         params.append(SamplingParams(temperature=0, max_tokens=max(1, args.max_tokens - p - 1)))
-    conts = llm.generate(prompts, params, use_tqdm=False) if prompts else []
+    _log(f"continuing {len(prompts)} swapped answers")
+    conts = llm.generate(prompts, params, use_tqdm=args.progress) if prompts else []
     t_swap = time.perf_counter() - t1
     tok = llm.get_tokenizer()
     important, new_answers, cont_tokens = [], [], 0
@@ -251,6 +253,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--chunk", type=int, default=10, help="items per cached chunk (10)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine", default="{}", help="more LLM(...) arguments, as JSON")
+    ap.add_argument("--no-progress", dest="progress", action="store_false",
+                    help="no progress bars (the per-chunk lines stay)")
     ap.add_argument("--allow-reserved", action="store_true",
                     help="mine GSM8K items 0-99 or 1000-1499 (the frontier's own sets)")
     return ap
