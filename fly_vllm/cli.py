@@ -105,7 +105,24 @@ def _check_config(argv: list[str]) -> int:
         return 1
     print("vLLM speculative config:", json.dumps(vllm_spec))
     print("FLy settings:", json.dumps(fly.rule_settings()))
+    if fly.judge_path is not None:
+        print("Judge head:", _describe_head(fly.judge_path))
     return 0
+
+
+def _describe_head(path: str) -> str:
+    """One line on a judge head: its pair, features, default threshold and
+    what training measured on held-out items."""
+    from fly_vllm.judge.head import JudgeHead
+
+    h = JudgeHead.load(path)
+    s, p = h.summary, h.pair
+    auc = s.get("test_auc")
+    held = (f"held-out AUC {auc:.3f} on {s.get('n_test_items')} items"
+            if isinstance(auc, float) else "no held-out figures")
+    return (f"{path}: target {p.get('target')}, drafter {p.get('drafter')} (hidden "
+            f"{p.get('hidden_size')}, vocabulary {p.get('vocab_size')}); features "
+            f"{'+'.join(h.features)}; default threshold {h.threshold:.4g}; {held}")
 
 
 JUDGE_VERBS = ("mine", "train", "check")

@@ -201,3 +201,18 @@ def test_head_file_errors(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps(d))
     with pytest.raises(JudgeHeadError, match="missing bias"):
         JudgeHead.load(tmp_path / "x.json")
+
+
+def test_check_config_describes_the_head(tmp_path, capsys):
+    from fly_vllm.cli import main
+
+    h = head(tmp_path)
+    h.summary = {"test_auc": 0.8123, "n_test_items": 40}
+    h.save(tmp_path / "head.json")
+    cfg = tmp_path / "fly.json"
+    cfg.write_text(json.dumps(config(tmp_path, window=0)))
+    assert main(["check-config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert '"gate": "judge"' in out and '"margin"' not in out
+    assert "Judge head:" in out and "held-out AUC 0.812 on 40 items" in out
+    assert "features h_post; default threshold 0.5" in out
