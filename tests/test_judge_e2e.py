@@ -8,21 +8,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SCRATCH, run_job, vllm_env, write_gsm8k
+from tests.test_e2e import GREEDY, PROMPTS
 
 pytestmark = pytest.mark.e2e
-
-PROMPTS = [
-    "The quick brown fox",
-    "def add(a, b):",
-    "Question: what is 12 plus 30? Answer:",
-    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 100 1000. Numbers: 0 1 2 3",
-]
-GREEDY = {"max_tokens": 40, "temperature": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +76,8 @@ def judge_head(path, hidden: int, pair: dict, seed: int = 0):
 
 
 def test_gate_judge_per_request(tiny_pair, tmp_path):
-    from fly_vllm.tinymodels import build_tiny_llama  # noqa: F401  (pair built by fixture)
-
     t, near = tiny_pair["target"], tiny_pair["near"]
-    cfg = json.loads((__import__("pathlib").Path(t) / "config.json").read_text())
+    cfg = json.loads((Path(t) / "config.json").read_text())
     path = judge_head(tmp_path / "head.json", cfg["hidden_size"],
                       {"target": t, "drafter": near, "hidden_size": cfg["hidden_size"],
                        "vocab_size": cfg["vocab_size"]})

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The learned judge on the Qwen2.5-Coder 1.5B/0.5B pair
+# (benchmarks/results/judge/README.md says what it found).
+#
+#   bash benchmarks/judge.sh [STEPS]      (default: mine,train,check)
+#
+# mine    fly-vllm judge mine: GSM8K-train items MINE_SKIP..MINE_SKIP+MINE_N-1
+#         (default 100..699: after the frontier's calibration items 0-99, before
+#         its evaluation items 1000-1499), strict K 4, fp32, PER_ANSWER swaps per
+#         answer, in chunks of CHUNK items that are kept: a stopped run resumes.
+#         The mining folder MINE_DIR holds the features (about 12 KB a label),
+#         so it lives outside the repository; its meta.json and the labels
+#         (labels.csv: item, position, tokens, label) are copied here.
+# train   fly-vllm judge train --features auto on what has been mined: the head
+#         and its report (report.md, report.json, pr.png) land here.
+# check   fly-vllm judge check: 5 mined rows recomputed with transformers.
+# screen  the judge points of frontier_points/judge.json on the frontier's
+#         screen items (GSM8K 0-99, 30 at once, fp32, 512 tokens) in
+#         $out/screen, beside the target and strict runs, whose cached
+#         outputs are taken from the frontier's screen (nothing reruns them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+steps=${1:-mine,train,check}
+step() { [[ ,$steps, == *,$1,* ]]; }
+py=.venv/bin/python
+out=benchmarks/results/judge
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+MINE_DIR=${MINE_DIR:-${FLY_VLLM_CACHE:-$HOME/.cache/fly-vllm}/judge/qwen2.5-coder-gsm8k}
+MINE_SKIP=${MINE_SKIP:-100}
+MINE_N=${MINE_N:-600}
+PER_ANSWER=${PER_ANSWER:-8}
+CHUNK=${CHUNK:-30}
+mkdir -p "$out"
+
+paths=$($py -m fly_vllm.pairs qwen2.5-coder)
+target=$(sed -n 1p <<<"$paths")
+draft=$(sed -n 2p <<<"$paths")
+
+copy_labels() {
+  cp "$MINE_DIR/meta.json" "$out/mining-meta.json"
+  $py - "$MINE_DIR/dataset.npz" "$out/labels.csv" <<'PY'
+import sys, numpy as np
+d = np.load(sys.argv[1])
+with open(sys.argv[2], "w") as f:
+    f.write("item,pos,draft,target,important\n")
+    for row in zip(d["item"], d["pos"], d["draft"], d["target"], d["important"]):
+        f.write(",".join(str(int(x)) for x in row) + "\n")
+PY
+}
+
+if step mine; then
+  .venv/bin/fly-vllm judge mine --model "$target" --drafter "$draft" --out "$MINE_DIR" \
+    --skip "$MINE_SKIP" --limit "$MINE_N" --per-answer "$PER_ANSWER" --k 4 \
+    --chunk "$CHUNK" --concurrency 30 --dtype float32
+fi
+if step train; then
+  copy_labels
+  .venv/bin/fly-vllm judge train "$MINE_DIR" --features auto --out "$out/head.json" \
+    --report-dir "$out/train-report"
+fi
+if step check; then
+  .venv/bin/fly-vllm judge check "$MINE_DIR" --model "$target" --n 5 \
+    --head "$out/head.json" --json "$out/check.json"
+fi
+if step screen; then
+  mkdir -p "$out/screen/raw"
+  for f in benchmarks/results/frontier/screen/raw/*.json; do
+    [[ -e $out/screen/raw/$(basename "$f") ]] || cp "$f" "$out/screen/raw/"
+  done
+  $py benchmarks/run_bench.py --model "$target" --drafter "$draft" --temperatures 0 \
+    --concurrency 30 --max-tokens 512 --engine '{"dtype": "float32", "max_model_len": 2048}' \
+    --out "$out/screen" --datasets gsm8k --limit 100 --modes nospec,points \
+    --points benchmarks/frontier_points/judge.json
+fi
