@@ -87,9 +87,12 @@ def judge_veto(gate: JudgeGate | None, thresholds: list, num_draft_tokens: list[
     holds each request's judge threshold, None for other gates."""
     if gate is None or draft_token_ids.shape[0] == 0 or all(t is None for t in thresholds):
         return None
-    per_draft = [t for t, n in zip(thresholds, num_draft_tokens) for _ in range(n)]
+    # Per request [B], then per draft [T], as the verifier expands its own
+    # per-request settings: no Python loop over the drafts on the hot path.
     device = target_logits.device
-    thr = torch.tensor([0.0 if t is None else t for t in per_draft], device=device)
-    judged = torch.tensor([t is not None for t in per_draft], dtype=torch.bool,
+    counts = torch.tensor(num_draft_tokens, device=device)
+    thr = torch.tensor([0.0 if t is None else t for t in thresholds], device=device)
+    judged = torch.tensor([t is not None for t in thresholds], dtype=torch.bool,
                           device=device)
+    thr, judged = thr.repeat_interleave(counts), judged.repeat_interleave(counts)
     return gate.important(hidden, rows, target_logits, draft_token_ids, thr) & judged
