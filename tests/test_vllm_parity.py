@@ -42,6 +42,11 @@ def make_sampler(strict: bool, threshold: float = 0.3, window: int = 2):
     sampler._runner = lambda: None
     sampler._per_request = {}
     sampler._tables = None
+    sampler._judge = None  # no learned judge, no mining recorder
+    sampler._recorder = None
+    sampler.wants_hidden = False
+    sampler.hidden = None
+    sampler._rows = None
     sampler.k = 8
     return sampler
 
