@@ -1,11 +1,11 @@
-"""Ahead-of-time compilation of the verification kernels for real GPU targets,
+"""Ahead-of-time compilation of the verification and judge kernels for real GPU targets,
 on any machine: no GPU and no driver are needed (the triton wheel carries
 ptxas and the AMD code generator).
 
 The interpreter (``TRITON_INTERPRET=1``) runs a kernel's Python, and accepts
 code that the compiler rejects. This module compiles every kernel, at the
 constexpr settings and launch options its wrapper uses (``*_launch`` in
-fly_verify.py and fsd_verify.py), to a cubin for ``sm_90a`` (H100) and an
+fly_verify.py, fsd_verify.py and judge_score.py), to a cubin for ``sm_90a`` (H100) and an
 hsaco for ``gfx942`` (MI300X) and ``gfx950`` (MI355X), and reads what each
 binary says about its resources:
 
@@ -46,7 +46,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fly_vllm.kernels import fly_verify, fsd_verify
+from fly_vllm.kernels import fly_verify, fsd_verify, judge_score
 
 TARGETS = {
     "sm_90a": GPUTarget("cuda", 90, 32),
@@ -59,6 +59,12 @@ SPEC_LENS = (2, 4, 8, 15, 25)
 DTYPES = ("fp32", "bf16", "fp16")
 VOCABS = (32000, 49152, 128256, 151936, 50257)
 TOP_KS = tuple(range(1, 9))
+# The judge's hidden sizes: SmolLM2-135M, Qwen2.5-0.5B, Qwen2.5-1.5B, Qwen2.5-7B,
+# Llama-3-8B, Llama-3-70B, and one not divisible by 16; and its feature specs
+# (which hidden rows it reads), each with and without scalar features.
+HIDDENS = (576, 896, 1536, 3584, 4096, 8192, 1000)
+JUDGE_SPECS = {"h_post": (True, False), "h_pre": (False, True),
+               "h_post+h_pre": (True, True)}
 
 # sm_90 (H100) limits for the occupancy figure.
 SM90 = dict(regs=65536, reg_unit=256, warps=64, blocks=32, smem=228 * 1024,
@@ -81,9 +87,17 @@ class Budget:
 # at least 32 KiB of loads in flight per SM or CU. Accept kernels run one
 # program of 4 warps per request, B programs in all: occupancy does not limit
 # them, but a spill would put local memory on the step's critical path.
+#
+# The judge kernel reads one or two hidden rows (H values) per draft, one
+# program of 4 warps each, T programs a step: a small launch whose time is
+# the latency of those loads, so it keeps at least 4 programs (16 warps) per
+# H100 SM and 4 waves per AMD SIMD to overlap them; its cross-warp sum needs
+# a few bytes of shared memory only.
 BUDGETS = {
     ("row", "cuda"): Budget(min_occupancy=16, max_shared=16 * 1024),
     ("row", "hip"): Budget(min_occupancy=4, max_shared=16 * 1024),
+    ("judge", "cuda"): Budget(min_occupancy=16, max_shared=4 * 1024),
+    ("judge", "hip"): Budget(min_occupancy=4, max_shared=4 * 1024),
     ("accept", "cuda"): Budget(min_occupancy=4, max_shared=32 * 1024),
     ("accept", "hip"): Budget(min_occupancy=1, max_shared=32 * 1024),
 }
@@ -96,7 +110,7 @@ class Case:
     launch options, as the wrapper would launch it."""
 
     fn: object  # the @triton.jit function
-    kind: str  # "row" or "accept"
+    kind: str  # "row", "accept" or "judge"
     label: str
     args: list[tuple[str, str]]
     constexprs: dict
@@ -145,6 +159,23 @@ def _fsd_row(dtype: str, vocab: int, kind: str, backend: str) -> Case:
             ("argmax_ptr", "*i64"), ("pd_ptr", "*fp32"), ("qd_ptr", "*fp32")]
     return Case(fsd_verify._fsd_row_kernel, "row", f"{dtype} V={vocab} {kind}", args, constexprs,
                 options, {"stride_p", "stride_q"} if vocab % 16 == 0 else set())
+
+
+def _judge(dtype: str, hidden_size: int, spec: str, has_s: bool, backend: str,
+           rows: str = "i32") -> Case:
+    """The judge's kernel as JudgeGate launches it: ``rows`` is vLLM's
+    target_logits_indices (int32); the weights are fp32 allocations of
+    their own; the scalar part, absent, is replaced by the output."""
+    has_post, has_pre = JUDGE_SPECS[spec]
+    constexprs, options = judge_score.judge_score_launch(hidden_size, has_post, has_pre,
+                                                         has_s, backend=backend)
+    args = [("hidden_ptr", f"*{dtype}"), ("stride_row", "i32"), ("rows_ptr", f"*{rows}"),
+            ("w_post_ptr", "*fp32"), ("w_pre_ptr", "*fp32"), ("s_ptr", "*fp32"),
+            ("z_ptr", "*fp32"), ("bias", "fp32")]
+    label = f"{dtype} H={hidden_size} {spec}{' +scalars' if has_s else ''}"
+    label += "" if rows == "i32" else f" rows={rows}"
+    return Case(judge_score._judge_score_kernel, "judge", label, args, constexprs, options,
+                {"stride_row"} if hidden_size % 16 == 0 else set())
 
 
 # The accept kernels' arguments as fly_verify_triton / fsd_verify_triton pass
@@ -218,6 +249,16 @@ def cases(backend: str, quick: bool = False) -> list[Case]:
                                                backend))
     out.append(_accept(8, True, True, 50257, backend))
     out.append(_fsd_accept(8, False, True, True, 50257, backend))
+    # The judge: dtype x hidden size at the default spec (h_post, no
+    # scalars); every spec with and without scalars at one size; int64 rows.
+    for dtype in DTYPES:
+        for hidden_size in HIDDENS[-2:] if quick else HIDDENS:
+            out.append(_judge(dtype, hidden_size, "h_post", False, backend))
+    for spec in JUDGE_SPECS:
+        for has_s in (False, True):
+            if spec != "h_post" or has_s:
+                out.append(_judge("bf16", 4096, spec, has_s, backend))
+    out.append(_judge("bf16", 4096, "h_post", False, backend, rows="i64"))
     return out
 
 

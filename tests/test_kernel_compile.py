@@ -23,7 +23,8 @@ from tests.conftest import ROOT
 triton = pytest.importorskip("triton")
 
 BACKEND_OF = {"sm_90a": "nvidia", "gfx942": "amd", "gfx950": "amd"}
-KERNELS = ("_row_stats_kernel", "_accept_kernel", "_fsd_row_kernel", "_fsd_accept_kernel")
+KERNELS = ("_row_stats_kernel", "_accept_kernel", "_fsd_row_kernel", "_fsd_accept_kernel",
+           "_judge_score_kernel")
 
 
 def _missing_backends() -> list[str]:
@@ -104,6 +105,15 @@ def test_the_matrix_covers_what_the_wrappers_launch(compiled, target):
                    for k, lbl in labels)
     for kind in ("js", "kl_draft_target", "kl_target_draft", "tv"):
         assert any(k == "_fsd_row_kernel" and lbl.endswith(kind) for k, lbl in labels)
+    # The judge: every hidden dtype at the hidden sizes of the models we
+    # serve (one not divisible by 16), and every feature spec the gate can
+    # launch (which hidden rows; with and without scalar features).
+    for dtype in ("fp32", "bf16", "fp16"):
+        for hidden in (576, 896, 1536, 3584, 4096, 8192, 1000):
+            assert ("_judge_score_kernel", f"{dtype} H={hidden} h_post") in labels
+    for spec in ("h_post", "h_pre", "h_post+h_pre"):
+        for scalars in ("", " +scalars"):
+            assert ("_judge_score_kernel", f"bf16 H=4096 {spec}{scalars}") in labels
 
 
 def test_the_check_reports_what_the_interpreter_accepts():
