@@ -1,8 +1,8 @@
 """The judge's Triton score (kernels/judge_score.py) against the torch path of
-``JudgeGate``, under TRITON_INTERPRET=1 on CPU (natively on a GPU): every
+``JudgeScore`` (score.py), under TRITON_INTERPRET=1 on CPU (natively on a GPU): every
 feature spec, hidden sizes that are not a multiple of the block, fp32 and
 bf16 hidden states, steps without drafts, the last rows of the hidden states;
-and the gate's choice of path and its fallback. Small shapes: the interpreter
+and the score's choice of path and its fallback. Small shapes: the interpreter
 is slow."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 from fly_vllm.judge.features import assemble, components, width  # noqa: E402
-from fly_vllm.judge.gate import JudgeGate, judge_path  # noqa: E402
+from fly_vllm.judge.gate import JudgeGate  # noqa: E402
+from fly_vllm.judge.score import JudgeScore, score_path  # noqa: E402
 from fly_vllm.judge.head import JudgeHead  # noqa: E402
 from fly_vllm.kernels import judge_score  # noqa: E402
 from fly_vllm.kernels.judge_score import judge_score_triton  # noqa: E402
@@ -60,27 +61,27 @@ def make_step(hidden_size, n=(3, 1, 4), dtype=torch.float32, seed=0):
 
 
 def assert_same_z(z, z_ref, head, hidden, rows, logits, drafts):
-    gate = torch_gate(head)
+    score = torch_score(head)
     x = assemble(components(hidden, rows, logits, drafts, names=head.features), head.features)
-    scale = x.abs() @ gate.weight.abs() + gate.bias.abs()
+    scale = x.abs() @ score.weight.abs() + score.bias.abs()
     assert z.dtype == torch.float32 and z.shape == z_ref.shape == scale.shape
     bad = (z - z_ref).abs() > RTOL * scale
     assert not bad.any(), (f"z differs at {bad.nonzero().flatten().tolist()}: "
                            f"{z[bad].tolist()} vs {z_ref[bad].tolist()}")
 
 
-def triton_gate(head) -> JudgeGate:
-    """A gate on the Triton path even on the CPU (the interpreter), its
+def triton_score(head) -> JudgeScore:
+    """A score on the Triton path even on the CPU (the interpreter), its
     first-step check already passed."""
-    gate = JudgeGate(head, DEV)
-    gate.path, gate._checked = "triton", True
-    return gate
+    score = JudgeScore(head, DEV)
+    score.path, score._checked = "triton", True
+    return score
 
 
-def torch_gate(head) -> JudgeGate:
-    gate = JudgeGate(head, DEV)
-    gate.path = "torch"
-    return gate
+def torch_score(head) -> JudgeScore:
+    score = JudgeScore(head, DEV)
+    score.path = "torch"
+    return score
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -89,14 +90,16 @@ def torch_gate(head) -> JudgeGate:
 def test_triton_score_equals_the_torch_path(spec, hidden_size, dtype):
     head = make_head(SPECS[spec], hidden_size)
     args = make_step(hidden_size, dtype=dtype)
-    z_ref = torch_gate(head).logit(*args)
-    z = triton_gate(head).logit(*args)
+    z_ref = torch_score(head).logit(*args)
+    z = triton_score(head).logit(*args)
     assert z.shape == (args[1].shape[0],)
     assert_same_z(z, z_ref, head, *args)
     # A score that does not depend on its inputs would pass the line above
     # only if the reference were constant: it is not.
     assert float(z_ref.std()) > 0.1
-    p = triton_gate(head).probability(*args)
+    gate = JudgeGate(head, DEV)  # the gate reads the score it holds
+    gate.score = triton_score(head)
+    p = gate.probability(*args)
     torch.testing.assert_close(p, torch.sigmoid(z_ref), rtol=0, atol=1e-5)
 
 
@@ -111,10 +114,10 @@ def test_several_blocks_with_a_partial_last_one(block_h):
     wide[:, :H] = hidden
     wide[:, H:] = 1e3  # past the row's end: must never be read
     view = wide[:, :H]
-    gate = torch_gate(head)
-    z_ref = gate.logit(hidden, rows, logits, drafts)
-    w_post, w_pre = gate._w_post, gate._w_pre
-    z = judge_score_triton(view, rows.long(), w_post, w_pre, gate._bias, block_h=block_h)
+    score = torch_score(head)
+    z_ref = score.logit(hidden, rows, logits, drafts)
+    w_post, w_pre = score._w_post, score._w_pre
+    z = judge_score_triton(view, rows.long(), w_post, w_pre, score._bias, block_h=block_h)
     assert_same_z(z, z_ref, head, hidden, rows, logits, drafts)
 
 
@@ -150,8 +153,8 @@ def test_rows_at_the_last_valid_index(spec):
     rows = rows.clone()
     rows[-1] = last
     rows[0] = last
-    z_ref = torch_gate(head).logit(hidden, rows, logits, drafts)
-    z = triton_gate(head).logit(hidden, rows, logits, drafts)
+    z_ref = torch_score(head).logit(hidden, rows, logits, drafts)
+    z = triton_score(head).logit(hidden, rows, logits, drafts)
     assert_same_z(z, z_ref, head, hidden, rows, logits, drafts)
     assert z[0] == z[-1]
 
@@ -162,9 +165,9 @@ def test_a_step_without_drafts_scores_nothing():
         head = make_head(spec, H)
         hidden, rows, logits, drafts = make_step(H)
         empty = (hidden, rows[:0], logits[:0], drafts[:0])
-        z = triton_gate(head).logit(*empty)
+        z = triton_score(head).logit(*empty)
         assert z.shape == (0,) and z.dtype == torch.float32
-        assert torch_gate(head).logit(*empty).shape == (0,)
+        assert torch_score(head).logit(*empty).shape == (0,)
     w = torch.ones(H, device=DEV)
     assert judge_score_triton(hidden, rows[:0], w, w, 0.0).shape == (0,)
 
@@ -177,30 +180,30 @@ def test_non_finite_hidden_values_score_as_the_torch_path():
     hidden[1, 3] = float("nan")
     hidden[2, 7] = float("inf")
     hidden[4, 0] = float("-inf")
-    z_ref = torch_gate(head).logit(hidden, rows, logits, drafts)
-    z = triton_gate(head).logit(hidden, rows, logits, drafts)
+    z_ref = torch_score(head).logit(hidden, rows, logits, drafts)
+    z = triton_score(head).logit(hidden, rows, logits, drafts)
     assert torch.isfinite(z_ref).all()
     assert_same_z(z, z_ref, head, hidden, rows, logits, drafts)
 
 
-def test_the_gate_chooses_its_path_as_the_verifier_does(monkeypatch):
+def test_the_score_chooses_its_path_as_the_verifier_does(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    assert judge_path("cpu") == "torch"
-    assert judge_path(torch.device("cuda")) == "triton"
+    assert score_path("cpu") == "torch"
+    assert score_path(torch.device("cuda")) == "triton"
     monkeypatch.setenv(ENV, "torch")
-    assert judge_path("cuda:0") == "torch"
+    assert score_path("cuda:0") == "torch"
     # A spec without hidden states has nothing to stream: torch everywhere.
-    assert JudgeGate(make_head(("margin", "entropy"), 96), "cpu").path == "torch"
-    assert JudgeGate(make_head(("h_post",), 96), "cpu").path == "torch"
+    assert JudgeScore(make_head(("margin", "entropy"), 96), "cpu").path == "torch"
+    assert JudgeScore(make_head(("h_post",), 96), "cpu").path == "torch"
 
 
 def test_the_first_step_checks_the_kernel_then_uses_it(monkeypatch):
     H = 96
     head = make_head(SPECS["h_post+h_pre+scalars"], H)
     args = make_step(H, dtype=torch.bfloat16)
-    z_ref = torch_gate(head).logit(*args)
-    gate = JudgeGate(head, DEV)
-    gate.path = "triton"
+    z_ref = torch_score(head).logit(*args)
+    score = JudgeScore(head, DEV)
+    score.path = "triton"
     calls = []
     real = judge_score.judge_score_triton
 
@@ -209,11 +212,11 @@ def test_the_first_step_checks_the_kernel_then_uses_it(monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(judge_score, "judge_score_triton", spy)
-    gate.logit(args[0], args[1][:0], args[2][:0], args[3][:0])  # no drafts: no check
-    assert not gate._checked and not calls
-    assert_same_z(gate.logit(*args), z_ref, head, *args)
-    assert gate._checked and gate.path == "triton" and gate.failure is None and calls
-    assert_same_z(gate.logit(*args), z_ref, head, *args)
+    score.logit(args[0], args[1][:0], args[2][:0], args[3][:0])  # no drafts: no check
+    assert not score._checked and not calls
+    assert_same_z(score.logit(*args), z_ref, head, *args)
+    assert score._checked and score.path == "triton" and score.failure is None and calls
+    assert_same_z(score.logit(*args), z_ref, head, *args)
     assert len(calls) == 2
 
 
@@ -221,17 +224,17 @@ def test_a_kernel_that_disagrees_or_fails_leaves_the_torch_path(monkeypatch, cap
     H = 96
     head = make_head(("h_post",), H)
     args = make_step(H)
-    z_ref = torch_gate(head).logit(*args)
+    z_ref = torch_score(head).logit(*args)
     for broken, why in ((lambda *a, **k: torch.zeros(args[1].shape[0], device=DEV),
                          "disagrees with the torch path"),
                         (lambda *a, **k: 1 / 0, "ZeroDivisionError")):
         monkeypatch.setattr(judge_score, "judge_score_triton", broken)
-        gate = JudgeGate(head, DEV)
-        gate.path = "triton"
+        score = JudgeScore(head, DEV)
+        score.path = "triton"
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="vllm.fly_vllm"):
-            torch.testing.assert_close(gate.logit(*args), z_ref)
-            torch.testing.assert_close(gate.logit(*args), z_ref)
-        assert gate.path == "torch" and why in gate.failure
+            torch.testing.assert_close(score.logit(*args), z_ref)
+            torch.testing.assert_close(score.logit(*args), z_ref)
+        assert score.path == "torch" and why in score.failure
         warnings = [r for r in caplog.records if "judge's Triton score failed" in r.message]
         assert len(warnings) == 1 and why in warnings[0].getMessage()
