@@ -34,15 +34,11 @@ class JudgeGate:
         self.head = head
         self.score = JudgeScore(head, device)
 
-    def probability(
-        self,
-        hidden: torch.Tensor,  # [R, H] sample_hidden_states
-        rows: torch.Tensor,  # [T] target_logits_indices
-        target_logits: torch.Tensor,  # [T, V]
-        draft_token_ids: torch.Tensor,  # [T]
-    ) -> torch.Tensor:
-        """p(important) per draft, [T] float32."""
-        return torch.sigmoid(self.score.logit(hidden, rows, target_logits, draft_token_ids))
+    def probability(self, *step: torch.Tensor) -> torch.Tensor:
+        """p(important) per draft, [T] float32; ``step`` is the step's
+        (hidden [R, H], rows [T], target_logits [T, V], draft_token_ids [T]),
+        as for ``JudgeScore.logit``."""
+        return torch.sigmoid(self.score.logit(*step))
 
     def important(
         self,

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from fly_vllm.judge import record
+from fly_vllm.judge import record, run_command
 from fly_vllm.judge.features import COMPONENTS
 
 TASKS = ("gsm8k",)
@@ -315,19 +315,12 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
-    args.argv = argv
-    if args.per_answer < 1 or args.k < 2 or args.limit < 1 or args.chunk < 1:
-        print("fly-vllm judge mine: --per-answer, --limit and --chunk must be >= 1 and "
-              "--k >= 2", file=sys.stderr)
-        return 2
-    try:
-        return run(args)
-    except MineError as e:
-        print(f"fly-vllm judge mine: {e}", file=sys.stderr)
-        return 2
+    def check(args) -> str | None:
+        if args.per_answer < 1 or args.k < 2 or args.limit < 1 or args.chunk < 1:
+            return "--per-answer, --limit and --chunk must be >= 1 and --k >= 2"
+        return None
 
+    return run_command("fly-vllm judge mine", parser(), run, MineError, argv, check)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -53,6 +53,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from fly_vllm.judge import run_command
 from fly_vllm.judge.features import COMPONENTS, HIDDEN, SCALARS, assemble, check_spec
 from fly_vllm.judge.head import JudgeHead
 from fly_vllm.judge.report import fmt, fmt_ci, jsonable, pct, write_report
@@ -615,14 +616,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
-    args.argv = argv
-    try:
-        return run(args)
-    except TrainError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
+    return run_command(PROG, parser(), run, TrainError, argv)
 
 
 if __name__ == "__main__":
