@@ -45,11 +45,24 @@ def settings_of(spec: dict | None) -> dict | None:
         out["entropy_threshold"] = fly.get("entropy_threshold", 0.3)
     if gate in ("margin", "both"):
         out["margin"] = fly.get("margin", 0.3)
+    if gate == "judge":
+        out["judge_threshold"] = fly.get("judge_threshold", _head_threshold(fly))
     out["window"] = fly.get("window", min(6, out["K"] - 1))
     out["strict_prefix_tokens"] = fly.get("strict_prefix_tokens", 0)
     if fly.get("multilevel"):
         out["multilevel"] = True
     return out
+
+
+def _head_threshold(fly: dict) -> float | None:
+    """A judge point's threshold when its config leaves it to the head: the
+    head file's default (None where the file cannot be read here)."""
+    from fly_vllm.judge.head import JudgeHead, JudgeHeadError
+
+    try:
+        return JudgeHead.load(fly["judge_path"]).threshold
+    except (JudgeHeadError, KeyError, OSError):
+        return None
 
 
 def _pooled_length(metrics: list[dict]) -> float | None:
@@ -236,7 +249,8 @@ def point_order(p: dict) -> tuple:
     """Tables read by K, strict first, then gate, threshold, window, prefix."""
     s = p["settings"]
     return (s["K"], not s.get("strict"), s.get("gate", ""), s.get("entropy_threshold", 0),
-            s.get("margin", 0), s.get("window", 0), s.get("strict_prefix_tokens", 0))
+            s.get("margin", 0), s.get("judge_threshold") or 0, s.get("window", 0),
+            s.get("strict_prefix_tokens", 0))
 
 
 def point_label(s: dict) -> str:
@@ -245,6 +259,8 @@ def point_label(s: dict) -> str:
     "0.3 W3 N128"."""
     vals = [s[k] for k in ("entropy_threshold", "margin") if k in s]
     out = "/".join(f"{v:g}" for v in vals)
+    if "judge_threshold" in s:  # p(important) thresholds span decades
+        out = "head's" if s["judge_threshold"] is None else f"{s['judge_threshold']:.2g}"
     usual = 2 if s["K"] == 4 else 6  # the screen's window at K 4 and at K 8 or more
     if s.get("window", usual) != usual:
         out += f" W{s['window']}"
@@ -260,7 +276,8 @@ def plot(path: Path, sets: dict[str, list[dict]], required: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(sets), squeeze=False, figsize=(6.2 * len(sets), 4.8))
-    colors = {"entropy": "tab:orange", "margin": "tab:blue", "both": "tab:green"}
+    colors = {"entropy": "tab:orange", "margin": "tab:blue", "both": "tab:green",
+              "judge": "tab:purple"}
     marks = {4: "o", 8: "s", 15: "^"}
     for ax, (name, pts) in zip(axes[0], sets.items()):
         for gate, color in colors.items():

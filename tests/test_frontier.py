@@ -36,6 +36,27 @@ def test_settings_of_configs():
     assert (s["gate"], s["entropy_threshold"], s["window"]) == ("entropy", 0.3, 3)
 
 
+def test_judge_points_name_their_threshold(tmp_path):
+    """A judge point's threshold is its config's, else its head file's
+    default, else unknown (a head that cannot be read here)."""
+    from fly_vllm.judge.head import JudgeHead
+
+    head = tmp_path / "head.json"
+    JudgeHead(("margin",), [1.0], 0.0, [0.0], [1.0], 0.0042,
+              {"target": "t", "drafter": "d", "hidden_size": 8, "vocab_size": 10}).save(head)
+    s = frontier.settings_of
+    judge = {"gate": "judge", "judge_path": str(head), "window": 0}
+    assert s({"num_speculative_tokens": 8, "fly": judge}) == {
+        "K": 8, "gate": "judge", "judge_threshold": 0.0042, "window": 0,
+        "strict_prefix_tokens": 0}
+    assert frontier.point_label(s({"num_speculative_tokens": 8, "fly": {
+        **judge, "judge_threshold": 6.72e-05}})) == "6.7e-05 W0"
+    gone = s({"num_speculative_tokens": 8, "fly": {**judge, "judge_path": str(tmp_path / "x")}})
+    assert gone["judge_threshold"] is None and frontier.point_label(gone) == "head's W0"
+    assert frontier.point_order({"settings": gone}) < frontier.point_order({"settings": s(
+        {"num_speculative_tokens": 8, "fly": judge})})
+
+
 def test_gains_pareto_and_best():
     pts = [point("strict K4", 4, 1.0, 4.0, strict=True),
            point("strict K8", 8, 0.99, 5.0, strict=True),
