@@ -18,6 +18,14 @@
 #         screen items (GSM8K 0-99, 30 at once, fp32, 512 tokens) in
 #         $out/screen, beside the target and strict runs, whose cached
 #         outputs are taken from the frontier's screen (nothing reruns them).
+# eval    the judge points of frontier_points/judge-eval.json (chosen on the
+#         screen) on the frontier's evaluation items (GSM8K 1000-1499 and
+#         HumanEval, in parts of 133 items, EVAL_FIRST first), beside the
+#         target, strict K 8 and the margin gate's K 8 point, whose complete
+#         runs are taken from the frontier's evaluation. EVAL_CACHED=1 scores
+#         what has run (a stopped run: its first parts) and runs nothing.
+# The frontier's outputs copied into screen/raw and eval/raw are listed in
+# each raw/.gitignore: they stay committed once, under frontier/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-mine,train,check}
@@ -62,13 +70,41 @@ if step check; then
   .venv/bin/fly-vllm judge check "$MINE_DIR" --model "$target" --n 5 \
     --head "$out/head.json" --json "$out/check.json"
 fi
-if step screen; then
-  mkdir -p "$out/screen/raw"
-  for f in benchmarks/results/frontier/screen/raw/*.json; do
-    [[ -e $out/screen/raw/$(basename "$f") ]] || cp "$f" "$out/screen/raw/"
+# copy_runs FROM TO MODE...: the frontier's cached runs of these modes (all of
+# FROM's when none is named) into TO, listed in TO/.gitignore.
+copy_runs() {
+  local from=$1 to=$2; shift 2
+  mkdir -p "$to"
+  for f in "$from"/*.json; do
+    local mode
+    mode=$($py -c 'import json, sys; print(json.load(open(sys.argv[1]))["mode"])' "$f")
+    if (( $# )) && [[ ! " $* " == *" $mode "* ]]; then continue; fi
+    local name
+    name=$(basename "$f")
+    [[ -e $to/$name ]] || cp "$f" "$to/"
+    grep -qxF "$name" "$to/.gitignore" 2>/dev/null || echo "$name" >> "$to/.gitignore"
+    [[ -e ${f%.json}.log ]] || continue
+    [[ -e $to/${name%.json}.log ]] || cp "${f%.json}.log" "$to/"
+    grep -qxF "${name%.json}.log" "$to/.gitignore" || echo "${name%.json}.log" >> "$to/.gitignore"
   done
-  $py benchmarks/run_bench.py --model "$target" --drafter "$draft" --temperatures 0 \
-    --concurrency 30 --max-tokens 512 --engine '{"dtype": "float32", "max_model_len": 2048}' \
-    --out "$out/screen" --datasets gsm8k --limit 100 --modes nospec,points \
-    --points benchmarks/frontier_points/judge.json
+}
+quality=(--model "$target" --drafter "$draft" --temperatures 0 --concurrency 30
+         --max-tokens 512 --engine '{"dtype": "float32", "max_model_len": 2048}')
+if step screen; then
+  copy_runs benchmarks/results/frontier/screen/raw "$out/screen/raw"
+  $py benchmarks/run_bench.py "${quality[@]}" --out "$out/screen" --datasets gsm8k --limit 100 \
+    --modes nospec,points --points benchmarks/frontier_points/judge.json
+fi
+eval_args=("${quality[@]}" --out "$out/eval" --datasets gsm8k,humaneval
+           --limit gsm8k=500,humaneval=164 --skip gsm8k=1000 --modes nospec,points
+           --points benchmarks/frontier_points/judge-eval.json --part-size 133
+           --part-order part --parts-first "${EVAL_FIRST:-1,5,2,4}")
+if step eval; then
+  copy_runs benchmarks/results/frontier/eval/raw "$out/eval/raw" no-spec "strict K8" \
+    "margin 0.3 K8 W6"
+  if [[ ${EVAL_CACHED:-0} == 1 ]]; then
+    $py benchmarks/run_bench.py "${eval_args[@]}" --cached-only
+  else
+    $py benchmarks/run_bench.py "${eval_args[@]}"
+  fi
 fi
