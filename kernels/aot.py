@@ -163,7 +163,7 @@ def _fsd_row(dtype: str, vocab: int, kind: str, backend: str) -> Case:
 
 def _judge(dtype: str, hidden_size: int, spec: str, has_s: bool, backend: str,
            rows: str = "i32") -> Case:
-    """The judge's kernel as JudgeGate launches it: ``rows`` is vLLM's
+    """The judge's kernel as JudgeScore (fly_vllm.judge.score) launches it: ``rows`` is vLLM's
     target_logits_indices (int32); the weights are fp32 allocations of
     their own; the scalar part, absent, is replaced by the output."""
     has_post, has_pre = JUDGE_SPECS[spec]
