@@ -66,26 +66,25 @@ def _hidden_at(lm, prompt: list[int], base: list[int], spots: list[tuple[int, in
     target's output ``base``: per spot, the target's final hidden states
     [2, H] (at the prefix's last token, and at t placed at i) and its logits
     [1, V] at the prefix's last token. One pass over the prompt and the
-    output up to the last spot, then one token per spot on a copy of the
-    cache cut back to the spot."""
-    import copy
-
+    output up to the last spot, then one token per spot on the same cache,
+    cut back to the spot: the spots run from the last to the first, so each
+    cut only drops what the one before it read (no copy of the cache)."""
     import torch
 
     ids = prompt + base[:max(i for i, _ in spots)]
+    res: dict[int, tuple] = {}
     with torch.no_grad():
         out = lm.model(input_ids=torch.tensor([ids]), use_cache=True)
-        hs = out.last_hidden_state[0]
-        res = []
-        for i, t in spots:
+        hs, cache = out.last_hidden_state[0], out.past_key_values
+        for n in sorted(range(len(spots)), key=lambda n: -spots[n][0]):
+            i, t = spots[n]
             at = len(prompt) + i  # the spot's position; hs[at - 1] verifies t
-            cache = copy.deepcopy(out.past_key_values)
             cache.crop(at)
             post = lm.model(input_ids=torch.tensor([[t]]), past_key_values=cache,
                             use_cache=True).last_hidden_state[0, -1]
             pre = hs[at - 1]
-            res.append((torch.stack([pre, post]).float(), lm.lm_head(pre[None]).float()))
-    return res
+            res[n] = (torch.stack([pre, post]).float(), lm.lm_head(pre[None]).float())
+    return [res[n] for n in range(len(spots))]
 
 
 def check_cache(lm, prompt: list[int], base: list[int], spot: tuple[int, int]) -> float:
