@@ -71,21 +71,23 @@ if step check; then
     --head "$out/head.json" --json "$out/check.json"
 fi
 # copy_runs FROM TO MODE...: the frontier's cached runs of these modes (all of
-# FROM's when none is named) into TO, listed in TO/.gitignore.
+# FROM's when none is named) into TO, with their logs, listed in TO/.gitignore.
 copy_runs() {
   local from=$1 to=$2; shift 2
   mkdir -p "$to"
+  keep() {  # FILE: copy it from FROM unless TO has it; list it in TO/.gitignore
+    [[ -e $to/$1 ]] || cp "$from/$1" "$to/"
+    grep -qxF "$1" "$to/.gitignore" 2>/dev/null || echo "$1" >> "$to/.gitignore"
+  }
+  local f name mode wanted
   for f in "$from"/*.json; do
-    local mode
     mode=$($py -c 'import json, sys; print(json.load(open(sys.argv[1]))["mode"])' "$f")
-    if (( $# )) && [[ ! " $* " == *" $mode "* ]]; then continue; fi
-    local name
-    name=$(basename "$f")
-    [[ -e $to/$name ]] || cp "$f" "$to/"
-    grep -qxF "$name" "$to/.gitignore" 2>/dev/null || echo "$name" >> "$to/.gitignore"
-    [[ -e ${f%.json}.log ]] || continue
-    [[ -e $to/${name%.json}.log ]] || cp "${f%.json}.log" "$to/"
-    grep -qxF "${name%.json}.log" "$to/.gitignore" || echo "${name%.json}.log" >> "$to/.gitignore"
+    wanted=$(( $# == 0 ))
+    for m in "$@"; do [[ $m == "$mode" ]] && wanted=1; done
+    (( wanted )) || continue
+    name=$(basename "$f" .json)
+    keep "$name.json"
+    [[ ! -e $from/$name.log ]] || keep "$name.log"
   done
 }
 quality=(--model "$target" --drafter "$draft" --temperatures 0 --concurrency 30
