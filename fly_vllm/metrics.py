@@ -45,10 +45,11 @@ Counters (all ``vllm:fly_*`` so ``LLM.get_metrics()`` returns them):
                                            "triton" (the kernels), "torch"
                                            (the reference) or "custom"
                                            (FLY_VLLM_VERIFIER); a gauge
-    vllm:fly_verifier_fallbacks_total      workers whose accelerated verifier
-                                           failed its check or a later call
-                                           and fell back to torch
-                                           (verify_path.py)
+    vllm:fly_verifier_fallbacks_total      accelerated paths that failed their
+                                           check or a later call and fell back
+                                           to torch: a worker's verifier
+                                           (verify_path.py) and its judge
+                                           score (judge/score.py), one each
 Accepted counts are the verifier's: tokens a stop string later cuts off are
 still counted, as in vLLM's own per-position counters.
 """

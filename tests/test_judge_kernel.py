@@ -16,6 +16,7 @@ import torch
 # Without a GPU, tests/conftest.py has set TRITON_INTERPRET=1.
 triton = pytest.importorskip("triton")
 
+from fly_vllm import metrics  # noqa: E402
 from fly_vllm.judge.features import assemble, components, width  # noqa: E402
 from fly_vllm.judge.gate import JudgeGate  # noqa: E402
 from fly_vllm.judge.score import JudgeScore, score_path  # noqa: E402
@@ -231,6 +232,7 @@ def test_a_kernel_that_disagrees_or_fails_leaves_the_torch_path(monkeypatch, cap
         monkeypatch.setattr(judge_score, "judge_score_triton", broken)
         score = JudgeScore(head, DEV)
         score.path = "triton"
+        before = metrics.snapshot()["verifier_fallbacks"]
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="vllm.fly_vllm"):
             torch.testing.assert_close(score.logit(*args), z_ref)
@@ -238,3 +240,5 @@ def test_a_kernel_that_disagrees_or_fails_leaves_the_torch_path(monkeypatch, cap
         assert score.path == "torch" and why in score.failure
         warnings = [r for r in caplog.records if "judge's Triton score failed" in r.message]
         assert len(warnings) == 1 and why in warnings[0].getMessage()
+        # Counted once, as the verifier's fallback is.
+        assert metrics.snapshot()["verifier_fallbacks"] == before + 1

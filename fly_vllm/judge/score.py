@@ -8,7 +8,8 @@ ROCm devices the hidden-state part of ``w' . x`` is one Triton pass per draft
 torch; elsewhere, or with ``FLY_VLLM_VERIFIER=torch``, all of it is torch.
 The first step with drafts runs both and compares them; where the kernel
 fails to load, compile or launch, or disagrees, ONE warning says so and the
-torch path scores from then on (``path`` says which runs).
+torch path scores from then on (``path`` says which runs), and the fallback
+counts in ``vllm:fly_verifier_fallbacks_total`` as the verifier's does.
 """
 
 from __future__ import annotations
@@ -81,7 +82,10 @@ class JudgeScore:
     def _fall_back(self, why: str) -> None:
         from fly_vllm.verify_path import device_text
 
+        from fly_vllm import metrics
+
         self.path, self.failure = "torch", why
+        metrics.worker_store().add("verifier_fallbacks", 1)
         logger.warning("fly-vllm: the judge's Triton score failed on %s: %s; scoring with "
                        "the torch path from now on (same results, slower)",
                        device_text(self.weight.device), why)
