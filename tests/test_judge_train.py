@@ -11,18 +11,11 @@ import pytest
 
 from fly_vllm.bench.parting import separation
 from fly_vllm.cli import main as cli_main
+from fly_vllm.judge.evaluate import auc, recall_threshold
 from fly_vllm.judge.features import assemble
+from fly_vllm.judge.fit import make_pipeline
 from fly_vllm.judge.head import JudgeHead
-from fly_vllm.judge.train import (
-    AUTO_SPECS,
-    auc,
-    labelled_rows,
-    load_mining,
-    make_pipeline,
-    recall_threshold,
-    split_items,
-    train,
-)
+from fly_vllm.judge.train import AUTO_SPECS, labelled_rows, load_mining, split_items, train
 
 H = 16
 SMALL_GRID = (0.01, 1.0)

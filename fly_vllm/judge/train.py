@@ -45,42 +45,27 @@ import json
 import math
 import shlex
 import sys
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from fly_vllm.judge import run_command
+from fly_vllm.judge.evaluate import (BASELINES, TrainError, auc, baseline_scores, bootstrap_ci,
+                                     curves, recall_threshold, threshold_table)
 from fly_vllm.judge.features import COMPONENTS, HIDDEN, SCALARS, assemble, check_spec
+from fly_vllm.judge.fit import (_NOT_CONVERGED, DEFAULT_C_GRID, MAX_ITER, PROG, Log, _quiet,
+                                choose_spec, fit, head_from_pipeline, learning_curve,
+                                reproduction_error)
 from fly_vllm.judge.head import JudgeHead
 from fly_vllm.judge.report import fmt, fmt_ci, jsonable, pct, write_report
 
-PROG = "fly-vllm judge train"
-DEFAULT_C_GRID = tuple(float(10.0 ** (e / 2)) for e in range(-12, 3))  # 1e-6 .. 1e1
 AUTO_SPECS = (("h_post",), ("h_pre",), ("h_post", "h_pre"), tuple(SCALARS),
               ("h_post", "margin", "entropy"))
-# Scalar signals read raw, as a gate on them would (name: (component, sign)).
-BASELINES = {"margin": ("margin", 1.0), "neg_top_logprob": ("top_logprob", -1.0),
-             "entropy": ("entropy", 1.0)}
-LEARNING_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
-TABLE_RECALLS = (0.5, 0.8, 0.9, 0.95, 0.99)
 MIN_LABELS = 20
-MAX_ITER = 1000
 REPRODUCE_TOL = 1e-4
-CURVE_POINTS = 200
-
-Log = Callable[[str], None]
-
-
-class TrainError(ValueError):
-    """Input that cannot be trained on; the message says why (exit 2)."""
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 # ------------------------------------------------------------------- input
@@ -117,10 +102,12 @@ def load_mining(mine_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
     return data, meta
 
 
+
 def labelled_rows(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The rows labelled 0 or 1 (-1, not labelled yet, is dropped)."""
     keep = np.isin(data["important"], (0, 1))
     return {k: v[keep] for k, v in data.items()}
+
 
 
 def check_sample(y: np.ndarray, item: np.ndarray, folds: int) -> None:
@@ -140,6 +127,7 @@ def check_sample(y: np.ndarray, item: np.ndarray, folds: int) -> None:
                          f"--folds {folds}; mine more items or lower --folds")
 
 
+
 def parse_features(text: str) -> list[tuple[str, ...]]:
     """``auto`` -> AUTO_SPECS; else one comma-separated spec."""
     if text.strip() == "auto":
@@ -151,6 +139,7 @@ def parse_features(text: str) -> list[tuple[str, ...]]:
         raise TrainError(str(e)) from None
 
 
+
 def parse_c_grid(text: str) -> tuple[float, ...]:
     try:
         grid = tuple(float(c) for c in text.split(",") if c.strip())
@@ -159,6 +148,7 @@ def parse_c_grid(text: str) -> tuple[float, ...]:
     if not grid or not all(math.isfinite(c) and c > 0 for c in grid):
         raise TrainError(f"--C: every C must be a positive number; got {text!r}")
     return grid
+
 
 
 # ------------------------------------------------------------------- split
@@ -178,249 +168,6 @@ def split_items(item: np.ndarray, test_share: float, seed: int) -> tuple[np.ndar
     return train, test
 
 
-# ----------------------------------------------------------------- scoring
-
-def auc(y: np.ndarray, s: np.ndarray) -> float | None:
-    """P(an important row has the larger score), ties half (the Mann-Whitney
-    form of ROC AUC); +-inf scores are fine. None without both classes."""
-    from scipy.stats import rankdata
-
-    y = np.asarray(y).astype(bool)
-    n1 = int(y.sum())
-    n0 = int(y.shape[0]) - n1
-    if n1 == 0 or n0 == 0:
-        return None
-    s = np.nan_to_num(np.asarray(s, dtype=np.float64), nan=0.0, posinf=np.inf, neginf=-np.inf)
-    r = rankdata(s)
-    return float((r[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
-
-
-def make_pipeline(C: float):
-    """StandardScaler then an L2 logistic regression (lbfgs)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return Pipeline([("scale", StandardScaler()),
-                     ("lr", LogisticRegression(C=C, l1_ratio=0.0, solver="lbfgs",
-                                               max_iter=MAX_ITER))])
-
-
-_NOT_CONVERGED = {"fits": 0}
-
-
-def fit(x: np.ndarray, y: np.ndarray, C: float):
-    """A fitted make_pipeline(C); counts fits that hit max_iter."""
-    from sklearn.exceptions import ConvergenceWarning
-
-    pipe = make_pipeline(C)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        pipe.fit(x, y)
-    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-        _NOT_CONVERGED["fits"] += 1
-    return pipe
-
-
-def cross_validate(x: np.ndarray, y: np.ndarray, groups: np.ndarray, C: float,
-                   folds: int) -> tuple[float | None, np.ndarray]:
-    """(mean AUC over the folds that hold both classes, out-of-fold scores),
-    folds by group (item)."""
-    from sklearn.model_selection import GroupKFold
-
-    oof = np.full(y.shape[0], np.nan)
-    aucs = []
-    for tr, te in GroupKFold(n_splits=folds).split(x, y, groups):
-        if np.unique(y[tr]).shape[0] < 2:
-            raise TrainError("a cross-validation fold's training part holds only one class; "
-                             "mine more items or lower --folds")
-        oof[te] = fit(x[tr], y[tr], C).predict_proba(x[te])[:, 1]
-        a = auc(y[te], oof[te])
-        if a is not None:
-            aucs.append(a)
-    return (float(np.mean(aucs)) if aucs else None), oof
-
-
-def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, grid, folds: int,
-             log: Log = _quiet, label: str = "") -> dict[str, Any]:
-    """The C of the grid with the best CV AUC (the smaller C on a tie):
-    {"C", "cv_auc", "by_C": [{"C", "cv_auc"}], "oof": scores at that C}."""
-    best: dict[str, Any] | None = None
-    by_c = []
-    for c in sorted(grid):
-        score, oof = cross_validate(x, y, groups, c, folds)
-        by_c.append({"C": c, "cv_auc": score})
-        log(f"[{PROG}] {label}C={c:.3g}: CV AUC {fmt(score, 4)}")
-        if score is not None and (best is None or score > best["cv_auc"]):
-            best = {"C": c, "cv_auc": score, "oof": oof}
-    if best is None:
-        raise TrainError("no cross-validation fold held both classes; mine more items")
-    best["by_C"] = by_c
-    return best
-
-
-def choose_spec(parts: dict[str, np.ndarray], y: np.ndarray, groups: np.ndarray, specs,
-                grid, folds: int, log: Log = _quiet) -> tuple[dict[str, Any], list[dict]]:
-    """Cross-validate every spec over the grid; (the best spec's choose_c
-    result with "features" added, the ablation table: one row per spec
-    with features, C, cv_auc)."""
-    table: list[dict[str, Any]] = []
-    best = None
-    for spec in specs:
-        label = f"features {'+'.join(spec)}, "
-        res = choose_c(assemble(parts, spec), y, groups, grid, folds, log, label)
-        res["features"] = list(spec)
-        table.append({"features": list(spec), "C": res["C"], "cv_auc": res["cv_auc"]})
-        if best is None or res["cv_auc"] > best["cv_auc"]:
-            best = res
-    return best, table
-
-
-def bootstrap_ci(y: np.ndarray, scores: dict[str, np.ndarray], item: np.ndarray, n_boot: int,
-                 seed: int, level: float = 0.95) -> dict[str, list[float] | None]:
-    """Per score, the percentile interval of its AUC over ``n_boot``
-    resamples of the ITEMS (with replacement, each bringing all its rows);
-    resamples without both classes are skipped. None if too few remain."""
-    uniq, inverse = np.unique(item, return_inverse=True)
-    rows_of = [np.flatnonzero(inverse == i) for i in range(uniq.shape[0])]
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {k: [] for k in scores}
-    for _ in range(n_boot):
-        pick = rng.integers(0, uniq.shape[0], uniq.shape[0])
-        idx = np.concatenate([rows_of[i] for i in pick])
-        yb = y[idx]
-        if yb.min() == yb.max():
-            continue
-        for k, s in scores.items():
-            draws[k].append(auc(yb, s[idx]))
-    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-    out: dict[str, list[float] | None] = {}
-    for k, d in draws.items():
-        if len(d) < max(20, n_boot // 10):
-            out[k] = None
-        else:
-            out[k] = [float(np.percentile(d, lo_q)), float(np.percentile(d, hi_q))]
-    return out
-
-
-def baseline_scores(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The raw scalar signals (margin, -top_logprob, entropy) present."""
-    out = {}
-    for name, (comp, sign) in BASELINES.items():
-        if comp in parts:
-            out[name] = sign * np.asarray(parts[comp], dtype=np.float64).reshape(-1)
-    return out
-
-
-def learning_curve(x_tr: np.ndarray, y_tr: np.ndarray, item_tr: np.ndarray, x_te: np.ndarray,
-                   y_te: np.ndarray, C: float, seed: int,
-                   fractions=LEARNING_FRACTIONS, log: Log = _quiet) -> list[dict[str, Any]]:
-    """Held-out AUC after fitting on the first ``fraction`` of the training
-    items in a seeded order (the same C); test_auc None where the subset
-    holds one class."""
-    items = np.unique(item_tr)
-    order = items[np.random.default_rng(seed + 1).permutation(items.shape[0])]
-    out = []
-    for f in fractions:
-        k = max(1, int(math.ceil(f * items.shape[0] - 1e-9)))
-        rows = np.isin(item_tr, order[:k])
-        point: dict[str, Any] = {"fraction": f, "n_items": k, "n_rows": int(rows.sum()),
-                                 "test_auc": None}
-        if np.unique(y_tr[rows]).shape[0] == 2:
-            p = fit(x_tr[rows], y_tr[rows], C).predict_proba(x_te)[:, 1]
-            point["test_auc"] = auc(y_te, p)
-        log(f"[{PROG}] learning curve: {k} training items -> held-out AUC "
-            f"{fmt(point['test_auc'], 4)}")
-        out.append(point)
-    return out
-
-
-def recall_threshold(p: np.ndarray, y: np.ndarray, recall: float) -> float:
-    """The largest t with share(p >= t | important) >= recall."""
-    imp = np.sort(np.asarray(p, dtype=np.float64)[np.asarray(y) == 1])[::-1]
-    if imp.shape[0] == 0:
-        raise TrainError("no important mismatch among the training rows")
-    k = min(imp.shape[0], max(1, int(math.ceil(recall * imp.shape[0] - 1e-9))))
-    return float(imp[k - 1])
-
-
-def accepted_shares(p: np.ndarray, y: np.ndarray, t: float) -> dict[str, Any]:
-    """What a gate accepting p < t takes: shares of the unimportant (the
-    gain) and important (the harm, with its exact 95% interval)."""
-    from fly_vllm.bench.scoring import exact_ci
-
-    acc = p < t
-    imp, unimp = y == 1, y == 0
-    k_imp, n_imp = int((acc & imp).sum()), int(imp.sum())
-    k_un, n_un = int((acc & unimp).sum()), int(unimp.sum())
-    return {
-        "accepted_unimportant": k_un / n_un if n_un else None,
-        "accepted_important": k_imp / n_imp if n_imp else None,
-        "accepted_important_ci": list(exact_ci(k_imp, n_imp)) if n_imp else None,
-        "accepted_all": float(acc.mean()) if acc.shape[0] else None,
-        "n_important": n_imp, "n_unimportant": n_un,
-    }
-
-
-def threshold_table(oof: np.ndarray, y_tr: np.ndarray, p_te: np.ndarray, y_te: np.ndarray,
-                    recall: float, recalls=TABLE_RECALLS) -> list[dict[str, Any]]:
-    """One row per out-of-fold recall target (the default's among them,
-    flagged) plus the plain p < 0.5 cut: the threshold and what it accepts
-    on the held-out rows."""
-    rows = []
-    for r in sorted(set(recalls) | {recall}):
-        t = recall_threshold(oof, y_tr, r)
-        rows.append({"target_recall": r, "threshold": t, "default": r == recall})
-    rows.append({"target_recall": None, "threshold": 0.5, "default": False})
-    imp_oof = oof[y_tr == 1]
-    for row in rows:
-        t = row["threshold"]
-        row["oof_recall"] = float((imp_oof >= t).mean())
-        row.update(accepted_shares(p_te, y_te, t))
-    return rows
-
-
-# -------------------------------------------------------------------- head
-
-def head_from_pipeline(pipe, spec, threshold: float, pair: dict,
-                       summary: dict | None = None) -> JudgeHead:
-    scaler, lr = pipe.named_steps["scale"], pipe.named_steps["lr"]
-    return JudgeHead(features=tuple(spec), weights=lr.coef_[0], bias=float(lr.intercept_[0]),
-                     mean=scaler.mean_, scale=scaler.scale_, threshold=float(threshold),
-                     pair=dict(pair), summary=summary or {})
-
-
-def reproduction_error(head: JudgeHead, pipe, parts: dict[str, np.ndarray]) -> float:
-    """max |head score - pipeline predict_proba[:, 1]| on these rows, the
-    head reading ``assemble(parts, head.features)`` as serving does."""
-    x = assemble(parts, head.features)
-    return float(np.max(np.abs(head.score_numpy(x) - pipe.predict_proba(x)[:, 1])))
-
-
-def _curve(xs: np.ndarray, ys: np.ndarray, ts: np.ndarray | None = None) -> dict[str, list]:
-    """A curve thinned to at most CURVE_POINTS points (ends kept)."""
-    n = xs.shape[0]
-    keep = np.unique(np.linspace(0, n - 1, min(n, CURVE_POINTS)).round().astype(int))
-    out = {"x": [float(v) for v in xs[keep]], "y": [float(v) for v in ys[keep]]}
-    if ts is not None:
-        tk = keep[keep < ts.shape[0]]
-        out["threshold"] = [float(v) for v in ts[tk]]
-    return out
-
-
-def curves(y: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, dict]:
-    """Per score, its ROC (x: false, y: true positive rate) and
-    precision/recall (x: recall, y: precision) curves, thinned."""
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
-    out = {}
-    for name, s in scores.items():
-        s = np.nan_to_num(np.asarray(s, dtype=np.float64), nan=0.0, posinf=1e30, neginf=-1e30)
-        fpr, tpr, _ = roc_curve(y, s)
-        prec, rec, thr = precision_recall_curve(y, s)
-        out[name] = {"roc": _curve(fpr, tpr), "pr": _curve(rec, prec, thr)}
-    return out
-
 
 # ----------------------------------------------------------------- training
 
@@ -430,6 +177,7 @@ class Trained:
     report: dict[str, Any]  # summary, pair, test_items, curves
     pipeline: Any  # the fitted sklearn Pipeline the head was read from
     test_parts: dict[str, np.ndarray]  # the held-out rows' components
+
 
 
 def train(data: dict[str, np.ndarray], meta: dict[str, Any], *, specs, c_grid=DEFAULT_C_GRID,
@@ -550,6 +298,7 @@ def train(data: dict[str, np.ndarray], meta: dict[str, Any], *, specs, c_grid=DE
     return Trained(head, report, pipe, te)
 
 
+
 # --------------------------------------------------------------------- CLI
 
 def parser() -> argparse.ArgumentParser:
@@ -575,6 +324,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--report-dir", default=None,
                     help="report folder (default MINE_DIR/train-report)")
     return ap
+
 
 
 def run(args: argparse.Namespace) -> int:
@@ -615,8 +365,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+
 def main(argv: list[str] | None = None) -> int:
     return run_command(PROG, parser(), run, TrainError, argv)
+
 
 
 if __name__ == "__main__":
