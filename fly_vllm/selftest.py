@@ -1,6 +1,6 @@
 """``fly-vllm selftest``: check this node's verifiers against the torch reference.
 
-    fly-vllm selftest [--batches N] [--rule fly|fsd|all] [--device DEV]
+    fly-vllm selftest [--batches N] [--rule fly|fsd|judge|all] [--device DEV]
                       [--seed S] [--no-timing] [--interpret]
 
 On a GPU (CUDA or ROCm): each rule's Triton verifier and its torch reference
@@ -14,6 +14,11 @@ our verifier, the torch reference, a bare ``torch.argmax`` over the same
 rows, and the bandwidth floor (bytes of logits, or of p and q, read once at
 the device's measured copy bandwidth); medians of event-timed runs, in
 microseconds.
+
+The judge's score (``"gate": "judge"``; judge/kernel_check.py): its Triton
+pass against its torch path on N random heads and steps, then timed at two
+T x H shapes, on a GPU; on the CPU, the torch path against the head's own
+unfolded score.
 
 On the CPU: the torch path only, as the plugin runs it there. The reference
 runs on the random batches and its output must keep the rule's invariants
@@ -46,7 +51,7 @@ SHOWN_FAILURES = 10
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="fly-vllm selftest", description=__doc__.split("\n")[0])
     ap.add_argument("--batches", type=int, default=300, help="random batches per rule")
-    ap.add_argument("--rule", choices=("fly", "fsd", "all"), default="all")
+    ap.add_argument("--rule", choices=("fly", "fsd", "judge", "all"), default="all")
     ap.add_argument("--device", help="default: cuda if torch sees a GPU, else cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-timing", action="store_true", help="skip the timing rows")
@@ -205,8 +210,35 @@ def check_rule(rule: str, opts, device, fn, label: str, failures: list[str]) -> 
     return [rule, what, sizes, "ok" if not bad else f"FAILED {bad}/{opts.batches}"]
 
 
+def judge_rows(opts, device, timed: bool, bandwidth: float, failures: list[str],
+               checked: list[str]) -> list[list[str]]:
+    """The judge score's rows: Triton against torch where the plugin would
+    run the kernel (or under --interpret), else torch against the head."""
+    from fly_vllm.judge import kernel_check
+    from fly_vllm.judge.score import score_path
+
+    path = "triton" if opts.interpret else score_path(device)
+    if path == "triton":
+        try:
+            import fly_vllm.kernels.judge_score  # noqa: F401
+        except Exception as e:
+            from fly_vllm.verify_path import error_text
+
+            failures.append(f"judge: could not load the Triton score: {error_text(e)}")
+            return [["judge", "load the Triton score", "", "FAILED"]]
+        checked.append("the judge's triton score"
+                       + (" (TRITON_INTERPRET=1)" if opts.interpret else ""))
+    rows = [kernel_check.check_row(opts.batches, opts.seed, device, path, opts.interpret,
+                                   failures)]
+    if timed and path == "triton":
+        timing = kernel_check.timing_rows(device, opts.seed, bandwidth, gpu_time_us)
+        failures += [f"judge {r[2]}: {r[3]}" for r in timing if r[3] != "ok"]
+        rows += timing
+    return rows
+
+
 def table(rows: list[list[str]], timed: bool) -> str:
-    head = ["rule", "check", "B x K x V", "result"]
+    head = ["rule", "check", "B x K x V (judge: T x H)", "result"]
     if timed:
         head += ["ours us", "torch ref us", "torch.argmax us", "floor us"]
     lines = [head, ["---"] * len(head)] + [r + [""] * (len(head) - len(r)) for r in rows]
@@ -227,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     gpu = device.type == "cuda"
-    rules = ("fly", "fsd") if opts.rule == "all" else (opts.rule,)
+    rules = ("fly", "fsd", "judge") if opts.rule == "all" else (opts.rule,)
     try:
         import triton
         versions = f"torch {torch.__version__}, triton {triton.__version__}"
@@ -239,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
           + (f", copy bandwidth {bandwidth / 1e9:.0f} GB/s" if timed else ""))
     rows, failures, checked = [], [], []
     for rule in rules:
+        if rule == "judge":
+            rows += judge_rows(opts, device, timed, bandwidth, failures, checked)
+            continue
         cand = verify_path.candidate(device, rule)
         if cand is None and opts.interpret:
             cand = verify_path.triton_candidate(rule)

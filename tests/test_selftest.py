@@ -27,7 +27,8 @@ def test_cpu_checks_the_torch_path_and_says_so(monkeypatch, capsys):
     assert "No GPU found: the Triton kernels were not checked" in out
     for rule in ("fly", "fsd"):
         assert f"| {rule} | 4 random batches: torch reference invariants |" in out
-    assert out.count("| ok |") == 2 and out.rstrip().endswith("fly-vllm selftest: ok")
+    assert "| judge | 4 random steps: torch score vs the head's own |" in out
+    assert out.count("| ok |") == 3 and out.rstrip().endswith("fly-vllm selftest: ok")
 
 
 @pytest.mark.parametrize("mode, why", [
@@ -65,6 +66,8 @@ def test_interpret_checks_the_triton_kernels():
     for rule in ("fly", "fsd"):
         assert (f"| {rule} | 3 random batches: triton (TRITON_INTERPRET=1) vs torch "
                 "reference | 1-4 x 1-5 x 17-64 | ok |") in r.stdout
+    assert ("| judge | 3 random steps: triton (TRITON_INTERPRET=1) vs torch score | "
+            "0-20 x 16-200 | ok |") in r.stdout
 
 
 @pytest.mark.parametrize("rule", ["fly", "fsd"])
@@ -87,6 +90,56 @@ def test_timing_rows_check_then_time(monkeypatch, rule):
     rows = selftest.timing_rows(rule, faulty_verifiers.wrong_result, "cpu", 0, 1e9)
     assert rows[0][3].startswith("FAILED: disagrees") and rows[0][4] == "nan"
     assert len(timed) == 10  # the reference and the argmax only
+
+
+def test_a_wrong_judge_score_fails_its_check(monkeypatch):
+    """Either path, wrong: a Triton score that drops the bias, and a torch
+    path whose folding forgets the scaler's mean. Each fails its row."""
+    from fly_vllm.judge import kernel_check
+    from fly_vllm.judge.head import JudgeHead
+    from fly_vllm.kernels import judge_score
+
+    real = judge_score.judge_score_triton
+    failures: list[str] = []
+    monkeypatch.setattr(judge_score, "judge_score_triton",
+                        lambda *a, **k: real(a[0], a[1], a[2], a[3], 0.0, *a[5:], **k))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    row = kernel_check.check_row(4, 0, "cpu", "triton", True, failures)
+    assert row[0] == "judge" and row[3].startswith("FAILED") and len(failures) >= 3
+    assert "disagrees with the torch path" in failures[0]
+    monkeypatch.setattr(judge_score, "judge_score_triton", real)
+    assert kernel_check.check_row(4, 0, "cpu", "torch", False, [])[3] == "ok"
+
+    folded = JudgeHead.folded
+
+    def no_mean(self, device=None):
+        w, _ = folded(self, device)
+        return w, w.new_tensor(self.bias)
+
+    monkeypatch.setattr(JudgeHead, "folded", no_mean)
+    failures = []
+    assert kernel_check.check_row(4, 0, "cpu", "torch", False, failures)[3] == "FAILED 4/4"
+    assert "disagrees with the head's own score" in failures[0]
+
+
+def test_judge_timing_rows_check_then_time(monkeypatch):
+    from fly_vllm.judge import kernel_check
+    from fly_vllm.kernels import judge_score
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernel_check, "TIMING_SHAPES", ((5, 32), (0, 16)))
+    timed = []
+    rows = kernel_check.timing_rows("cpu", 0, 1e9, lambda fn: timed.append(fn()) or 3.0)
+    assert rows == [["judge", "check + timing, h_post bf16", "5 x 32", "ok", "3.0", "3.0", "",
+                     f"{5 * 32 * 2 / 1e3:.1f}"],
+                    ["judge", "check + timing, h_post bf16", "0 x 16", "ok", "3.0", "3.0", "",
+                     "0.0"]]
+    assert len(timed) == 4
+    monkeypatch.setattr(judge_score, "judge_score_triton",
+                        lambda *a, **k: a[0].new_zeros(a[1].shape[0], dtype=torch.float32))
+    rows = kernel_check.timing_rows("cpu", 0, 1e9, lambda fn: timed.append(fn()) or 3.0)
+    assert rows[0][3].startswith("FAILED: disagrees") and rows[0][4] == ""
+    assert len(timed) == 7  # the torch path only, where the kernel disagreed
 
 
 @cpu_only

@@ -178,7 +178,10 @@ class JudgeHead:
         return (torch.tensor(w, dtype=torch.float32, device=device),
                 torch.tensor(b, dtype=torch.float32, device=device))
 
+    def logit_numpy(self, x: np.ndarray) -> np.ndarray:
+        """z [N] for a [N, D] feature matrix, unfolded (training's reference)."""
+        return ((x - self.mean) / self.scale) @ self.weights.astype(np.float64) + self.bias
+
     def score_numpy(self, x: np.ndarray) -> np.ndarray:
         """p(important) for a [N, D] feature matrix (training's reference)."""
-        z = ((x - self.mean) / self.scale) @ self.weights.astype(np.float64) + self.bias
-        return 1.0 / (1.0 + np.exp(-z))
+        return 1.0 / (1.0 + np.exp(-self.logit_numpy(x)))
