@@ -11,8 +11,13 @@ One concept per module:
 - ``score``: the head's score per draft (torch, or a Triton row pass on GPUs);
 - ``gate``: the ``"judge"`` gate inside FLy's verification;
 - ``record``: the verifier-side recorder that mining switches on;
-- ``mine`` and ``train`` (``report``): ``fly-vllm judge mine`` and
-  ``fly-vllm judge train``; ``check``: ``fly-vllm judge check``.
+- ``mine`` and ``train``: ``fly-vllm judge mine`` and ``fly-vllm judge
+  train``, which fits the head (``fit``: cross-validation by item, the
+  learning curve), measures it on held-out items (``evaluate``: AUCs,
+  thresholds, curves) and writes its ``report``; ``check``: ``fly-vllm judge
+  check``;
+- ``kernel_check``: ``fly-vllm selftest``'s random heads and steps for the
+  score.
 """
 
 from __future__ import annotations
