@@ -16,9 +16,10 @@
         Check this node's verifiers: on a GPU the Triton kernels against the
         torch reference on random batches, then timings; on the CPU the torch
         path's invariants. Exits non-zero on any disagreement (see selftest.py).
-    fly-vllm judge mine|train|check ...
-        The learned judge: mine labelled mismatches for a pair, then fit the
-        head on them (see fly_vllm/judge/).
+    fly-vllm judge mine|train|check|assess ...
+        The learned judge: mine labelled mismatches for a pair, fit the head
+        on them, check the features, assess a head on other mined items (see
+        fly_vllm/judge/).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def _describe_head(path: str) -> str:
             f"{'+'.join(h.features)}; default threshold {h.threshold:.4g}; {held}")
 
 
-JUDGE_VERBS = ("mine", "train", "check")
+JUDGE_VERBS = ("mine", "train", "check", "assess")
 
 
 def _judge(argv: list[str]) -> int:

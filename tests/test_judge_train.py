@@ -22,9 +22,11 @@ SMALL_GRID = (0.01, 1.0)
 
 
 def mining_folder(path, n_items=60, per_item=8, signal="h_post", strength=2.5, seed=0,
-                  unlabelled=0, labels=None):
+                  unlabelled=0, labels=None, direction_seed=None):
     """A mining folder with labels drawn from a logistic model of one planted
-    signal: "h_post" (a random direction), "margin", or None (pure noise)."""
+    signal: "h_post" (a random direction), "margin", or None (pure noise).
+    ``direction_seed`` draws h_post's direction apart from the rows, so two
+    folders of other sizes or seeds share it."""
     rng = np.random.default_rng(seed)
     n = n_items * per_item
     data = {
@@ -40,7 +42,8 @@ def mining_folder(path, n_items=60, per_item=8, signal="h_post", strength=2.5, s
     }
     data["margin"] = (data["top_logprob"] - data["draft_logprob"]).astype(np.float32)
     if signal == "h_post":
-        z = data["h_post"] @ rng.normal(size=H) / np.sqrt(H) * strength
+        d_rng = rng if direction_seed is None else np.random.default_rng(direction_seed)
+        z = data["h_post"] @ d_rng.normal(size=H) / np.sqrt(H) * strength
     elif signal == "margin":
         m = data["margin"]
         z = (m - m.mean()) / m.std() * strength
@@ -176,3 +179,50 @@ def test_threshold_and_auc_definitions():
 def test_judge_dispatch_unknown_verb(capsys):
     assert cli_main(["judge", "distil"]) == 2
     assert "unknown verb 'distil'" in capsys.readouterr().err
+
+
+def test_assess_a_head_on_items_it_never_saw(tmp_path, capsys):
+    """`fly-vllm judge assess`: the planted signal holds on a second folder
+    of the same generator; the head's own items are dropped, not scored;
+    the noise folder scores as chance; another pair exits 2."""
+    from fly_vllm.judge.assess import assess
+
+    mine = mining_folder(tmp_path / "mine", n_items=40, strength=4.0, direction_seed=7)
+    assert cli_main(["judge", "train", str(mine), "--C", "0.01,0.1,1", "--bootstrap",
+                     "50"]) == 0
+    head = JudgeHead.load(mine / "head.json")
+    head.summary["mining"]["items"] = [f"gsm8k-{i}" for i in range(100, 140)]
+    head.save(tmp_path / "head.json")
+    # The same direction, other rows: items 100-139 count as seen, 140-179 are new.
+    other = mining_folder(tmp_path / "other", n_items=60, seed=1, strength=4.0,
+                          direction_seed=7)
+    data = dict(np.load(other / "dataset.npz"))
+    data["item"] = data["item"] + 20
+    np.savez(other / "dataset.npz", **data)
+    js = tmp_path / "r.json"
+    assert cli_main(["judge", "assess", str(other), "--head", str(tmp_path / "head.json"),
+                     "--threshold", "0.3", "--json", str(js), "--bootstrap", "100"]) == 0
+    out = capsys.readouterr().out
+    r = json.loads(js.read_text())
+    assert r["dropped_seen"] == {"rows": 20 * 8, "items": 20}
+    assert r["n_items"] == 40 and r["n_labels"] == 40 * 8
+    assert r["auc"]["head"]["auc"] > 0.8 and r["auc"]["head"]["auc_ci"][0] > 0.7
+    assert abs(r["auc"]["margin"]["auc"] - 0.5) < 0.15
+    assert [c["threshold"] for c in r["thresholds"]] == [head.threshold, 0.3]
+    low = r["thresholds"][1]
+    p = JudgeHead.load(tmp_path / "head.json").score_numpy(
+        assemble({"h_post": data["h_post"][160:]}, ("h_post",)))
+    y = data["important"][160:]
+    assert low["accepted_unimportant"] == pytest.approx(float((p[y == 0] < 0.3).mean()))
+    assert low["important_of_accepted"] == pytest.approx(float(y[p < 0.3].mean()))
+    assert "dropped 160 rows of 20 items the head was mined on" in out
+    noise = assess(dict(np.load(mining_folder(tmp_path / "noise", signal=None, seed=3)
+                                / "dataset.npz")),
+                   {"pair": head.pair, "task": "gsm8k"}, head, n_boot=50)
+    assert abs(noise["auc"]["head"]["auc"] - 0.5) < 0.1
+    meta = json.loads((other / "meta.json").read_text())
+    meta["pair"]["hidden_size"] = H * 2
+    (other / "meta.json").write_text(json.dumps(meta))
+    assert cli_main(["judge", "assess", str(other), "--head", str(tmp_path / "head.json")]) == 2
+    err = capsys.readouterr().err
+    assert "trained for another pair" in err and "hidden_size 32" in err

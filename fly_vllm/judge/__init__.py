@@ -15,7 +15,7 @@ One concept per module:
   train``, which fits the head (``fit``: cross-validation by item, the
   learning curve), measures it on held-out items (``evaluate``: AUCs,
   thresholds, curves) and writes its ``report``; ``check``: ``fly-vllm judge
-  check``;
+  check``; ``assess``: ``fly-vllm judge assess``, a head on other mined items;
 - ``kernel_check``: ``fly-vllm selftest``'s random heads and steps for the
   score.
 """

@@ -42,7 +42,6 @@ def auc(y: np.ndarray, s: np.ndarray) -> float | None:
     return float((r[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
-
 def bootstrap_ci(y: np.ndarray, scores: dict[str, np.ndarray], item: np.ndarray, n_boot: int,
                  seed: int, level: float = 0.95) -> dict[str, list[float] | None]:
     """Per score, the percentile interval of its AUC over ``n_boot``
@@ -70,7 +69,6 @@ def bootstrap_ci(y: np.ndarray, scores: dict[str, np.ndarray], item: np.ndarray,
     return out
 
 
-
 def baseline_scores(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The raw scalar signals (margin, -top_logprob, entropy) present."""
     out = {}
@@ -80,7 +78,6 @@ def baseline_scores(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-
 def recall_threshold(p: np.ndarray, y: np.ndarray, recall: float) -> float:
     """The largest t with share(p >= t | important) >= recall."""
     imp = np.sort(np.asarray(p, dtype=np.float64)[np.asarray(y) == 1])[::-1]
@@ -88,7 +85,6 @@ def recall_threshold(p: np.ndarray, y: np.ndarray, recall: float) -> float:
         raise TrainError("no important mismatch among the training rows")
     k = min(imp.shape[0], max(1, int(math.ceil(recall * imp.shape[0] - 1e-9))))
     return float(imp[k - 1])
-
 
 
 def accepted_shares(p: np.ndarray, y: np.ndarray, t: float) -> dict[str, Any]:
@@ -109,7 +105,6 @@ def accepted_shares(p: np.ndarray, y: np.ndarray, t: float) -> dict[str, Any]:
     }
 
 
-
 def threshold_table(oof: np.ndarray, y_tr: np.ndarray, p_te: np.ndarray, y_te: np.ndarray,
                     recall: float, recalls=TABLE_RECALLS) -> list[dict[str, Any]]:
     """One row per out-of-fold recall target (the default's among them,
@@ -128,7 +123,6 @@ def threshold_table(oof: np.ndarray, y_tr: np.ndarray, p_te: np.ndarray, y_te: n
     return rows
 
 
-
 def _curve(xs: np.ndarray, ys: np.ndarray, ts: np.ndarray | None = None) -> dict[str, list]:
     """A curve thinned to at most CURVE_POINTS points (ends kept)."""
     n = xs.shape[0]
@@ -138,7 +132,6 @@ def _curve(xs: np.ndarray, ys: np.ndarray, ts: np.ndarray | None = None) -> dict
         tk = keep[keep < ts.shape[0]]
         out["threshold"] = [float(v) for v in ts[tk]]
     return out
-
 
 
 def curves(y: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, dict]:

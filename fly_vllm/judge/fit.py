@@ -46,9 +46,7 @@ def make_pipeline(C: float):
                                                max_iter=MAX_ITER))])
 
 
-
 _NOT_CONVERGED = {"fits": 0}
-
 
 
 def fit(x: np.ndarray, y: np.ndarray, C: float):
@@ -62,7 +60,6 @@ def fit(x: np.ndarray, y: np.ndarray, C: float):
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
         _NOT_CONVERGED["fits"] += 1
     return pipe
-
 
 
 def cross_validate(x: np.ndarray, y: np.ndarray, groups: np.ndarray, C: float,
@@ -84,7 +81,6 @@ def cross_validate(x: np.ndarray, y: np.ndarray, groups: np.ndarray, C: float,
     return (float(np.mean(aucs)) if aucs else None), oof
 
 
-
 def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, grid, folds: int,
              log: Log = _quiet, label: str = "") -> dict[str, Any]:
     """The C of the grid with the best CV AUC (the smaller C on a tie):
@@ -103,7 +99,6 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, grid, folds: int,
     return best
 
 
-
 def choose_spec(parts: dict[str, np.ndarray], y: np.ndarray, groups: np.ndarray, specs,
                 grid, folds: int, log: Log = _quiet) -> tuple[dict[str, Any], list[dict]]:
     """Cross-validate every spec over the grid; (the best spec's choose_c
@@ -119,7 +114,6 @@ def choose_spec(parts: dict[str, np.ndarray], y: np.ndarray, groups: np.ndarray,
         if best is None or res["cv_auc"] > best["cv_auc"]:
             best = res
     return best, table
-
 
 
 def learning_curve(x_tr: np.ndarray, y_tr: np.ndarray, item_tr: np.ndarray, x_te: np.ndarray,
@@ -145,14 +139,12 @@ def learning_curve(x_tr: np.ndarray, y_tr: np.ndarray, item_tr: np.ndarray, x_te
     return out
 
 
-
 def head_from_pipeline(pipe, spec, threshold: float, pair: dict,
                        summary: dict | None = None) -> JudgeHead:
     scaler, lr = pipe.named_steps["scale"], pipe.named_steps["lr"]
     return JudgeHead(features=tuple(spec), weights=lr.coef_[0], bias=float(lr.intercept_[0]),
                      mean=scaler.mean_, scale=scaler.scale_, threshold=float(threshold),
                      pair=dict(pair), summary=summary or {})
-
 
 
 def reproduction_error(head: JudgeHead, pipe, parts: dict[str, np.ndarray]) -> float:

@@ -102,12 +102,10 @@ def load_mining(mine_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
     return data, meta
 
 
-
 def labelled_rows(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The rows labelled 0 or 1 (-1, not labelled yet, is dropped)."""
     keep = np.isin(data["important"], (0, 1))
     return {k: v[keep] for k, v in data.items()}
-
 
 
 def check_sample(y: np.ndarray, item: np.ndarray, folds: int) -> None:
@@ -127,7 +125,6 @@ def check_sample(y: np.ndarray, item: np.ndarray, folds: int) -> None:
                          f"--folds {folds}; mine more items or lower --folds")
 
 
-
 def parse_features(text: str) -> list[tuple[str, ...]]:
     """``auto`` -> AUTO_SPECS; else one comma-separated spec."""
     if text.strip() == "auto":
@@ -139,7 +136,6 @@ def parse_features(text: str) -> list[tuple[str, ...]]:
         raise TrainError(str(e)) from None
 
 
-
 def parse_c_grid(text: str) -> tuple[float, ...]:
     try:
         grid = tuple(float(c) for c in text.split(",") if c.strip())
@@ -148,7 +144,6 @@ def parse_c_grid(text: str) -> tuple[float, ...]:
     if not grid or not all(math.isfinite(c) and c > 0 for c in grid):
         raise TrainError(f"--C: every C must be a positive number; got {text!r}")
     return grid
-
 
 
 # ------------------------------------------------------------------- split
@@ -168,7 +163,6 @@ def split_items(item: np.ndarray, test_share: float, seed: int) -> tuple[np.ndar
     return train, test
 
 
-
 # ----------------------------------------------------------------- training
 
 @dataclass
@@ -177,7 +171,6 @@ class Trained:
     report: dict[str, Any]  # summary, pair, test_items, curves
     pipeline: Any  # the fitted sklearn Pipeline the head was read from
     test_parts: dict[str, np.ndarray]  # the held-out rows' components
-
 
 
 def train(data: dict[str, np.ndarray], meta: dict[str, Any], *, specs, c_grid=DEFAULT_C_GRID,
@@ -298,7 +291,6 @@ def train(data: dict[str, np.ndarray], meta: dict[str, Any], *, specs, c_grid=DE
     return Trained(head, report, pipe, te)
 
 
-
 # --------------------------------------------------------------------- CLI
 
 def parser() -> argparse.ArgumentParser:
@@ -324,7 +316,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--report-dir", default=None,
                     help="report folder (default MINE_DIR/train-report)")
     return ap
-
 
 
 def run(args: argparse.Namespace) -> int:
@@ -365,10 +356,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def main(argv: list[str] | None = None) -> int:
     return run_command(PROG, parser(), run, TrainError, argv)
-
 
 
 if __name__ == "__main__":
