@@ -106,6 +106,7 @@ def describe(p: dict) -> dict:
            "mean_accepted_length_by_dataset": {
                d: m.get("mean_accepted_length") for d, m in p["datasets"].items()},
            "gain_over_strict": p.get("gain_over_strict"),
+           **({"gain_items": p["gain_items"]} if "gain_items" in p else {}),
            "items": {d: m.get("n") for d, m in p["datasets"].items()}}
     if p.get("unfinished"):
         out["unfinished"] = p["unfinished"]  # scored on its first parts only
@@ -174,6 +175,33 @@ def add_gains(points: list[dict]) -> None:
         theirs = _pooled_length([strict["datasets"][d] for d in common])
         if mine and theirs:
             p["gain_over_strict"] = mine / theirs
+
+
+def add_item_gains(points: list[dict], raws: list[dict]) -> None:
+    """Where add_gains found no dataset that a loose point and strict at its
+    K both ran in full (a point scored on its first parts), its gain on the
+    items both ran, from each output's own counters (``fly_stats``: steps and
+    accepted drafts, the engine's counters per output, so a full run gives
+    add_gains' figure), pooled over datasets; ``gain_items`` says how many."""
+    stats = {r["mode"]: {x["id"]: x.get("fly_stats") for x in r["run"]["results"]}
+             for r in raws if r["temperature"] == 0}
+
+    def length(rows: list[dict]) -> float | None:
+        steps = sum(r["steps"] for r in rows)
+        acc = sum(r["native_accepted_tokens"] + r["loose_accepted_tokens"] for r in rows)
+        return 1 + acc / steps if steps else None
+
+    for p in points:
+        s = p["settings"]
+        strict = _strict_at(points, s["K"]) if s and not s.get("strict") else None
+        if not strict or p.get("gain_over_strict"):
+            continue
+        mine, theirs = stats.get(p["name"], {}), stats.get(strict["name"], {})
+        common = [i for i, st in mine.items() if st and theirs.get(i)]
+        a = length([mine[i] for i in common])
+        b = length([theirs[i] for i in common])
+        if a and b:
+            p["gain_over_strict"], p["gain_items"] = a / b, len(common)
 
 
 def _round_rates(res: dict) -> tuple[dict, dict]:
@@ -359,13 +387,16 @@ def table(points: list[dict]) -> list[str]:
         if len(by_ds) > 1:  # pooled over the datasets' steps, then each
             length += (f" ({dash(by_ds.get('gsm8k'))} / "
                        f"{dash(by_ds.get('humaneval'))})")
+        gain = dash(p.get("gain_over_strict"), "{:.3f}x")
+        if p.get("gain_items"):  # a point scored on its first parts
+            gain += f" (on its {p['gain_items']} items)"
         speed = dash(p.get("tok_s_vs_strict_at_1"), "{:.3f}x")
         if p.get("tok_s_vs_strict_at_1") is not None:
             speed += " (" + ", ".join(
                 f"{x:.3f}" for x in p.get("tok_s_vs_strict_at_1_rounds", [])) + ")"
         lines.append(
             f"| {name} | {p['set']} | {length} | "
-            f"{dash(p.get('gain_over_strict'), '{:.3f}x')} | {agree} | {ret('gsm8k')} | "
+            f"{gain} | {agree} | {ret('gsm8k')} | "
             f"{ret('humaneval')} | {dash(lr.get('gsm8k'))} / {dash(lr.get('humaneval'))} | "
             f"{dash(p['capped'].get('gsm8k'), '{:.1%}')} | "
             f"{dash(ident.get('gsm8k'), '{:.0%}')} / {dash(ident.get('humaneval'), '{:.0%}')} | "
@@ -386,13 +417,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     sets = {}
+    # Every raw run of each folder, read once for the gains of unfinished
+    # points, the profile and the ceilings.
+    raws = {name: harness_raws(d) for name, d in
+            (("calibration", args.screen), ("evaluation", args.eval)) if d}
     screen, screen_res = points_of(args.screen, "calibration")
     add_gains(screen)
+    add_item_gains(screen, raws["calibration"])
     sets["calibration"] = [describe(p) for p in screen]
     eval_res = None
     if args.eval:
         ev, eval_res = points_of(args.eval, "evaluation")
         add_gains(ev)
+        add_item_gains(ev, raws["evaluation"])
         sets["evaluation"] = [describe(p) for p in ev]
     speeds = speed_ratios(args.speed)
     for pts in sets.values():
@@ -442,9 +479,6 @@ def main(argv=None) -> int:
     except Exception as e:  # the profile without token kinds
         print(f"[frontier] no tokenizer ({e}); parting tokens not classified",
               file=sys.stderr)
-    # Every raw run of each folder, read once for the profile and the ceilings.
-    raws = {name: harness_raws(d) for name, d in
-            (("calibration", args.screen), ("evaluation", args.eval)) if d}
     profiles = {name: divergence_profile(d, tok, raws[name]) for name, d in
                 (("calibration", args.screen), ("evaluation", args.eval)) if d}
     summary["divergence_profile"] = profiles

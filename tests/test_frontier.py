@@ -99,6 +99,34 @@ def test_gain_compares_only_the_items_both_ran():
     assert loose["gain_over_strict"] == pytest.approx((1 + 740 / 200) / (1 + 700 / 200))
 
 
+def test_an_unfinished_point_gains_on_the_items_both_ran():
+    """The per-output counters give the gain where the datasets' counts
+    differ: pooled over the common items only, and add_gains' figure is
+    kept where it exists."""
+    def out(i, group, steps, native, loose=0):
+        return {"id": f"{group}-{i}", "group": group,
+                "fly_stats": {"steps": steps, "native_accepted_tokens": native,
+                              "loose_accepted_tokens": loose}}
+
+    def raw(mode, results):
+        return {"mode": mode, "temperature": 0, "run": {"results": results}}
+
+    strict = point("strict K4", 4, 1.0, 0, strict=True)
+    loose = point("m", 4, 0.9, 0, gate="margin", margin=0.3, window=2)
+    other = point("m2", 4, 0.9, 0, gate="margin", margin=0.7, window=2)
+    other["gain_over_strict"] = 1.5
+    raws = [raw("strict K4", [out(0, "gsm8k", 10, 20), out(1, "gsm8k", 10, 40),
+                              out(0, "humaneval", 5, 15)]),
+            raw("m", [out(0, "gsm8k", 8, 20, 6), out(0, "humaneval", 4, 12, 2)]),
+            raw("m2", [out(0, "gsm8k", 1, 1)])]
+    frontier.add_item_gains([strict, loose, other], raws)
+    assert loose["gain_over_strict"] == pytest.approx((1 + 40 / 12) / (1 + 35 / 15))
+    assert loose["gain_items"] == 2 and "gain_items" not in strict
+    assert other["gain_over_strict"] == 1.5 and "gain_items" not in other
+    assert "(on its 2 items)" in frontier.table([{
+        **frontier.describe({**loose, "datasets": {}, "mean_accepted_length": 4.0})}])[2]
+
+
 def test_speed_ratios_take_the_median_over_rounds(tmp_path):
     def rnd(i, rates):
         table = [{"mode": m, "concurrency": 1, "metrics": {"tokens": 100 * r, "time_s": 100},
