@@ -79,7 +79,11 @@ def _hidden_at(lm, prompt: list[int], base: list[int], spots: list[tuple[int, in
         for n in sorted(range(len(spots)), key=lambda n: -spots[n][0]):
             i, t = spots[n]
             at = len(prompt) + i  # the spot's position; hs[at - 1] verifies t
-            cache.crop(at)
+            # Drop what lies past the spot: a negative count, as transformers
+            # 4.x and 5.x both read it (a positive length is deprecated in 5).
+            drop = cache.get_seq_length() - at
+            if drop > 0:
+                cache.crop(-drop)
             post = lm.model(input_ids=torch.tensor([[t]]), past_key_values=cache,
                             use_cache=True).last_hidden_state[0, -1]
             pre = hs[at - 1]
