@@ -137,12 +137,20 @@ def test_speed_ratios_take_the_median_over_rounds(tmp_path):
 
     strict = {"num_speculative_tokens": 8, "fly": {"strict": True}}
     loose = {"num_speculative_tokens": 8, "fly": {"gate": "margin", "margin": 0.3}}
-    for i, (t, s, x) in enumerate([(10, 20, 22), (10, 20, 26), (10, 20, 21)], 1):
-        rnd(i, {"no-spec": (t, None), "strict K8": (s, strict), "m": (x, loose)})
+    strict4 = {"num_speculative_tokens": 4, "fly": {"strict": True}}
+    for i, (t, s, x, s4) in enumerate([(10, 20, 22, 24), (10, 20, 26, 19), (10, 20, 21, 25)],
+                                      1):
+        rnd(i, {"no-spec": (t, None), "strict K8": (s, strict), "m": (x, loose),
+                "strict K4": (s4, strict4)})
     r = frontier.speed_ratios(tmp_path)
     assert r["m"]["tok_s_vs_strict_at_1"] == pytest.approx(1.1)
     assert r["m"]["tok_s_vs_strict_at_1_rounds"] == pytest.approx([1.1, 1.3, 1.05])
     assert r["strict K8"]["tok_s_vs_target_at_1"] == pytest.approx(2.0)
+    # The fastest strict K of each round: K4, K8 (20 > 19), K4.
+    assert r["m"]["tok_s_vs_fastest_strict_at_1_rounds"] == pytest.approx(
+        [22 / 24, 26 / 20, 21 / 25])
+    assert r["strict K4"]["tok_s_vs_fastest_strict_at_1_rounds"] == pytest.approx(
+        [1.0, 19 / 20, 1.0])
 
 
 def test_table_rows_show_each_dataset_and_the_speed_rounds():
@@ -157,6 +165,10 @@ def test_table_rows_show_each_dataset_and_the_speed_rounds():
     assert len(cells) == header.count("|") - 1 == rule.count("---")
     assert cells[2] == "4.50 (4.40 / 4.80)"
     assert cells[-1] == "0.999x (1.003, 0.996)"
+    fast = dict(p, tok_s_vs_fastest_strict_at_1=0.97, tok_s_vs_fastest_strict_at_1_rounds=[
+        0.96, 0.98])
+    cells = [c.strip() for c in frontier.table([fast])[2].split("|")[1:-1]]
+    assert cells[-1] == "0.999x (1.003, 0.996); vs the fastest strict K 0.960, 0.980"
     # one dataset, no speed run: the pooled figure alone and a dash
     one = dict(p, mean_accepted_length_by_dataset={"gsm8k": 4.5})
     del one["tok_s_vs_strict_at_1"]
