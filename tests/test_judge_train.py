@@ -92,9 +92,32 @@ def test_planted_signal_through_cli(tmp_path, capsys):
     test = np.isin(data["item"], report["test_items"])
     pipe = make_pipeline(s["C"]).fit(assemble(data, ["h_post"])[~test], data["important"][~test])
     x_te = assemble({k: v[test] for k, v in data.items()}, head.features)
-    diff = np.abs(head.score_numpy(x_te) - pipe.predict_proba(x_te)[:, 1]).max()
-    assert diff < 1e-4
+    cal = s["calibration"]
+    p = 1 / (1 + np.exp(-(cal["a"] * pipe.decision_function(x_te) + cal["c"])))
+    assert np.abs(head.score_numpy(x_te) - p).max() < 1e-4
+    assert "## Calibration" in (mine / "train-report" / "report.md").read_text()
     assert auc(data["important"][test], head.score_numpy(x_te)) == pytest.approx(s["test_auc"])
+
+
+def test_platt_scaling_undoes_overconfidence():
+    """Logits three times too large, and the order kept: a near 1/3, the
+    calibrated p matching the observed rate by group; a reversed or flat
+    signal is left alone."""
+    from fly_vllm.judge.evaluate import reliability
+    from fly_vllm.judge.fit import platt, sigmoid
+
+    rng = np.random.default_rng(5)
+    true = rng.normal(size=20000) * 1.5 - 1.0
+    y = (rng.random(true.shape[0]) < sigmoid(true)).astype(int)
+    a, c = platt(3 * true, y)
+    assert a == pytest.approx(1 / 3, rel=0.08) and c == pytest.approx(0.0, abs=0.1)
+    for g in reliability(sigmoid(a * 3 * true + c), y):
+        assert g["mean_p"] == pytest.approx(g["important"], abs=0.03)
+    over = reliability(sigmoid(3 * true), y)
+    assert over[0]["mean_p"] < over[0]["important"] - 0.03  # before: too sure
+    assert platt(-true, y) == (1.0, 0.0)
+    assert reliability(np.array([0.1, 0.9]), np.array([0, 1]), bins=5) == [
+        {"n": 1, "mean_p": 0.1, "important": 0.0}, {"n": 1, "mean_p": 0.9, "important": 1.0}]
 
 
 def test_noise_scores_as_chance(tmp_path):

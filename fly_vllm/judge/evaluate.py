@@ -123,6 +123,19 @@ def threshold_table(oof: np.ndarray, y_tr: np.ndarray, p_te: np.ndarray, y_te: n
     return rows
 
 
+def reliability(p: np.ndarray, y: np.ndarray, bins: int = 5) -> list[dict[str, Any]]:
+    """Calibration: the rows in ``bins`` groups of equal size by p, each with
+    its mean p and the share of it that is important (equal when p is a
+    probability); fewer groups where there are fewer rows."""
+    order = np.argsort(np.asarray(p, dtype=np.float64), kind="stable")
+    out = []
+    for g in np.array_split(order, min(bins, order.shape[0])):
+        if g.shape[0]:
+            out.append({"n": int(g.shape[0]), "mean_p": float(np.mean(p[g])),
+                        "important": float(np.mean(y[g]))})
+    return out
+
+
 def _curve(xs: np.ndarray, ys: np.ndarray, ts: np.ndarray | None = None) -> dict[str, list]:
     """A curve thinned to at most CURVE_POINTS points (ends kept)."""
     n = xs.shape[0]

@@ -64,8 +64,8 @@ def fit(x: np.ndarray, y: np.ndarray, C: float):
 
 def cross_validate(x: np.ndarray, y: np.ndarray, groups: np.ndarray, C: float,
                    folds: int) -> tuple[float | None, np.ndarray]:
-    """(mean AUC over the folds that hold both classes, out-of-fold scores),
-    folds by group (item)."""
+    """(mean AUC over the folds that hold both classes, out-of-fold logits
+    z = the fold model's decision function), folds by group (item)."""
     from sklearn.model_selection import GroupKFold
 
     oof = np.full(y.shape[0], np.nan)
@@ -74,7 +74,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, groups: np.ndarray, C: float,
         if np.unique(y[tr]).shape[0] < 2:
             raise TrainError("a cross-validation fold's training part holds only one class; "
                              "mine more items or lower --folds")
-        oof[te] = fit(x[tr], y[tr], C).predict_proba(x[te])[:, 1]
+        oof[te] = fit(x[tr], y[tr], C).decision_function(x[te])
         a = auc(y[te], oof[te])
         if a is not None:
             aucs.append(a)
@@ -84,7 +84,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, groups: np.ndarray, C: float,
 def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, grid, folds: int,
              log: Log = _quiet, label: str = "") -> dict[str, Any]:
     """The C of the grid with the best CV AUC (the smaller C on a tie):
-    {"C", "cv_auc", "by_C": [{"C", "cv_auc"}], "oof": scores at that C}."""
+    {"C", "cv_auc", "by_C": [{"C", "cv_auc"}], "oof": logits at that C}."""
     best: dict[str, Any] | None = None
     by_c = []
     for c in sorted(grid):
@@ -139,16 +139,51 @@ def learning_curve(x_tr: np.ndarray, y_tr: np.ndarray, item_tr: np.ndarray, x_te
     return out
 
 
-def head_from_pipeline(pipe, spec, threshold: float, pair: dict,
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+
+
+def platt(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(a, c) with p = sigmoid(a z + c) fitted to out-of-fold logits ``z``
+    [N] and labels ``y`` [N] (Platt scaling): a head regularised for ranking
+    at many dimensions is overconfident, and this makes its p a probability
+    of importance on items it did not see, keeping its order. (1, 0), no
+    change, where the fit would flatten or reverse the order (a <= 0)."""
+    from sklearn.linear_model import LogisticRegression
+
+    lr = LogisticRegression(C=1e6, max_iter=MAX_ITER).fit(np.reshape(z, (-1, 1)), y)
+    a, c = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+    return (a, c) if a > 0 and np.isfinite([a, c]).all() else (1.0, 0.0)
+
+
+class Calibrated:
+    """A fitted pipeline with Platt's (a, c) on its logits: predict_proba
+    [N, 2] = (1 - p, p), p = sigmoid(a * z + c)."""
+
+    def __init__(self, pipe, a: float = 1.0, c: float = 0.0):
+        self.pipe, self.a, self.c = pipe, a, c
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        return self.a * self.pipe.decision_function(x) + self.c
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        p = sigmoid(self.decision_function(x))
+        return np.stack([1.0 - p, p], axis=1)
+
+
+def head_from_pipeline(model: Calibrated, spec, threshold: float, pair: dict,
                        summary: dict | None = None) -> JudgeHead:
-    scaler, lr = pipe.named_steps["scale"], pipe.named_steps["lr"]
-    return JudgeHead(features=tuple(spec), weights=lr.coef_[0], bias=float(lr.intercept_[0]),
+    """The head scoring as ``model`` does: Platt's a and c folded into the
+    regression's weights and bias."""
+    scaler, lr = model.pipe.named_steps["scale"], model.pipe.named_steps["lr"]
+    return JudgeHead(features=tuple(spec), weights=model.a * lr.coef_[0],
+                     bias=model.a * float(lr.intercept_[0]) + model.c,
                      mean=scaler.mean_, scale=scaler.scale_, threshold=float(threshold),
                      pair=dict(pair), summary=summary or {})
 
 
 def reproduction_error(head: JudgeHead, pipe, parts: dict[str, np.ndarray]) -> float:
-    """max |head score - pipeline predict_proba[:, 1]| on these rows, the
+    """max |head score - the model's predict_proba[:, 1]| on these rows, the
     head reading ``assemble(parts, head.features)`` as serving does."""
     x = assemble(parts, head.features)
     return float(np.max(np.abs(head.score_numpy(x) - pipe.predict_proba(x)[:, 1])))

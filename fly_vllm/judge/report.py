@@ -116,6 +116,24 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {tgt} | {r['threshold']:.4f} | {pct(r['oof_recall'])} | "
                      f"{pct(r['accepted_unimportant'])} | {pct(r['accepted_important'])} "
                      f"{pct_ci(r['accepted_important_ci'])} | {pct(r['accepted_all'])} |")
+    cal = s.get("calibration")
+    if cal:
+        lines += [
+            "",
+            "## Calibration",
+            "",
+            f"p is the regression's logit z through Platt scaling fitted on the out-of-fold "
+            f"training logits: p = sigmoid({cal['a']:.4g} z {'+' if cal['c'] >= 0 else '-'} "
+            f"{abs(cal['c']):.4g}), folded into the head's weights. Rows in groups of equal "
+            "size by p: where p is a probability, the two columns agree.",
+            "",
+            "| rows | group | mean p | important |",
+            "|---|---|---|---|",
+        ]
+        for where in ("out_of_fold", "held_out"):
+            for g in cal[where]:
+                lines.append(f"| {where.replace('_', '-')} | {g['n']} | {fmt(g['mean_p'])} | "
+                             f"{fmt(g['important'])} |")
     lines += ["", "## What this sample can and cannot show", ""]
     lines += [f"- {sentence}" for sentence in _readings(s)]
     lines += ["", "![ROC and precision/recall](pr.png)", ""]

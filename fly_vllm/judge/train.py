@@ -54,11 +54,11 @@ import numpy as np
 
 from fly_vllm.judge import run_command
 from fly_vllm.judge.evaluate import (BASELINES, TrainError, auc, baseline_scores, bootstrap_ci,
-                                     curves, recall_threshold, threshold_table)
+                                     curves, recall_threshold, reliability, threshold_table)
 from fly_vllm.judge.features import COMPONENTS, HIDDEN, SCALARS, assemble, check_spec
-from fly_vllm.judge.fit import (_NOT_CONVERGED, DEFAULT_C_GRID, MAX_ITER, PROG, Log, _quiet,
-                                choose_spec, fit, head_from_pipeline, learning_curve,
-                                reproduction_error)
+from fly_vllm.judge.fit import (_NOT_CONVERGED, DEFAULT_C_GRID, MAX_ITER, PROG, Calibrated, Log,
+                                _quiet, choose_spec, fit, head_from_pipeline, learning_curve,
+                                platt, reproduction_error, sigmoid)
 from fly_vllm.judge.head import JudgeHead
 from fly_vllm.judge.report import fmt, fmt_ci, jsonable, pct, write_report
 
@@ -232,11 +232,15 @@ def train(data: dict[str, np.ndarray], meta: dict[str, Any], *, specs, c_grid=DE
     log(f"[{PROG}] chosen: features {'+'.join(spec)}, C={C:.3g} (CV AUC {best['cv_auc']:.4f}); "
         "refitting on all training items")
     x_tr, x_te = assemble(tr, spec), assemble(te, spec)
-    pipe = fit(x_tr, y_tr, C)
+    a, c = platt(best["oof"], y_tr)
+    oof = sigmoid(a * best["oof"] + c)  # out-of-fold p, calibrated
+    pipe = Calibrated(fit(x_tr, y_tr, C), a, c)
     p_te = pipe.predict_proba(x_te)[:, 1]
+    log(f"[{PROG}] Platt scaling on the out-of-fold logits: p = sigmoid({a:.4g} z "
+        f"{'+' if c >= 0 else '-'} {abs(c):.4g})")
 
-    threshold = recall_threshold(best["oof"], y_tr, recall)
-    table = threshold_table(best["oof"], y_tr, p_te, y_te, recall)
+    threshold = recall_threshold(oof, y_tr, recall)
+    table = threshold_table(oof, y_tr, p_te, y_te, recall)
     base = baseline_scores(te)
     scores = {"head": p_te, **base}
     ci = bootstrap_ci(y_te, scores, item_te, n_boot, seed)
@@ -271,6 +275,9 @@ def train(data: dict[str, np.ndarray], meta: dict[str, Any], *, specs, c_grid=DE
         "recall": recall,
         "threshold": threshold,
         "thresholds": table,
+        "calibration": {"method": "Platt scaling on the out-of-fold logits", "a": a, "c": c,
+                        "out_of_fold": reliability(oof, y_tr),
+                        "held_out": reliability(p_te, y_te)},
         "ablation": ablation,
         "cv_by_C": best["by_C"],
         "folds": folds,
