@@ -12,8 +12,12 @@
 #         so it lives outside the repository; its meta.json and the labels
 #         (labels.csv: item, position, tokens, label) are copied here.
 # train   fly-vllm judge train --features auto on what has been mined: the head
-#         and its report (report.md, report.json, pr.png) land here.
+#         and its report (report.md, report.json, pr.png), the labels and the
+#         mining meta land in HEAD_DIR (default: here).
 # check   fly-vllm judge check: 5 mined rows recomputed with transformers.
+# assess  fly-vllm judge assess: the head ASSESS_HEAD (default: here) on
+#         MINE_DIR's items that it was not mined on, into
+#         HEAD_DIR/assess-ASSESS_NAME.{json,txt}.
 # screen  the judge points of frontier_points/judge.json on the frontier's
 #         screen items (GSM8K 0-99, 30 at once, fp32, 512 tokens) in
 #         $out/screen, beside the target and strict runs, whose cached
@@ -24,6 +28,11 @@
 #         target, strict K 8 and the margin gate's K 8 point, whose complete
 #         runs are taken from the frontier's evaluation. EVAL_CACHED=1 scores
 #         what has run (a stopped run: its first parts) and runs nothing.
+# speed   one request at a time and SPEED_AT at once, bf16, on SPEED_N GSM8K
+#         items of the evaluation set, the points of frontier_points/
+#         judge-speed.json (the fastest strict K, strict K 8 and the judge's
+#         held-out point), ROUNDS interleaved rounds, each a fresh folder
+#         ($out/speed/round-N), as the frontier's speed step.
 # The frontier's outputs copied into screen/raw and eval/raw are listed in
 # each raw/.gitignore: they stay committed once, under frontier/.
 set -euo pipefail
@@ -38,15 +47,22 @@ MINE_SKIP=${MINE_SKIP:-100}
 MINE_N=${MINE_N:-600}
 PER_ANSWER=${PER_ANSWER:-8}
 CHUNK=${CHUNK:-30}
-mkdir -p "$out"
+HEAD_DIR=${HEAD_DIR:-$out}
+ASSESS_HEAD=${ASSESS_HEAD:-$out/head.json}
+ASSESS_NAME=${ASSESS_NAME:-head}
+SPEED_N=${SPEED_N:-8}
+SPEED_AT=${SPEED_AT:-4}
+SPEED_TOKENS=${SPEED_TOKENS:-256}
+ROUNDS=${ROUNDS:-2}
+mkdir -p "$out" "$HEAD_DIR"
 
 paths=$($py -m fly_vllm.pairs qwen2.5-coder)
 target=$(sed -n 1p <<<"$paths")
 draft=$(sed -n 2p <<<"$paths")
 
 copy_labels() {
-  cp "$MINE_DIR/meta.json" "$out/mining-meta.json"
-  $py - "$MINE_DIR/dataset.npz" "$out/labels.csv" <<'PY'
+  cp "$MINE_DIR/meta.json" "$HEAD_DIR/mining-meta.json"
+  $py - "$MINE_DIR/dataset.npz" "$HEAD_DIR/labels.csv" <<'PY'
 import sys, numpy as np
 d = np.load(sys.argv[1])
 with open(sys.argv[2], "w") as f:
@@ -63,12 +79,17 @@ if step mine; then
 fi
 if step train; then
   copy_labels
-  .venv/bin/fly-vllm judge train "$MINE_DIR" --features auto --out "$out/head.json" \
-    --report-dir "$out/train-report"
+  .venv/bin/fly-vllm judge train "$MINE_DIR" --features auto --out "$HEAD_DIR/head.json" \
+    --report-dir "$HEAD_DIR/train-report"
 fi
 if step check; then
   .venv/bin/fly-vllm judge check "$MINE_DIR" --model "$target" --n 5 \
-    --head "$out/head.json" --json "$out/check.json"
+    --head "$HEAD_DIR/head.json" --json "$HEAD_DIR/check.json"
+fi
+if step assess; then
+  .venv/bin/fly-vllm judge assess "$MINE_DIR" --head "$ASSESS_HEAD" \
+    --threshold 6.72e-05 --json "$HEAD_DIR/assess-$ASSESS_NAME.json" \
+    | tee "$HEAD_DIR/assess-$ASSESS_NAME.txt"
 fi
 # copy_runs FROM TO MODE...: the frontier's cached runs of these modes (all of
 # FROM's when none is named) into TO, with their logs, listed in TO/.gitignore.
@@ -109,4 +130,13 @@ if step eval; then
   else
     $py benchmarks/run_bench.py "${eval_args[@]}"
   fi
+fi
+if step speed; then
+  for r in $(seq 1 "$ROUNDS"); do
+    $py benchmarks/run_bench.py --model "$target" --drafter "$draft" --temperatures 0 \
+      --max-tokens "$SPEED_TOKENS" --concurrency "1,$SPEED_AT" \
+      --engine '{"dtype": "bfloat16", "max_model_len": 2048}' \
+      --out "$out/speed/round-$r" --datasets gsm8k --limit "$SPEED_N" --skip gsm8k=1000 \
+      --modes points --points benchmarks/frontier_points/judge-speed.json
+  done
 fi
