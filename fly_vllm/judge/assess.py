@@ -84,8 +84,6 @@ def assess(data: dict[str, np.ndarray], meta: dict[str, Any], head: JudgeHead, *
     cuts += [{"threshold": float(t), "default": False} for t in thresholds]
     for cut in cuts:
         cut.update(accepted_shares(p, y, cut["threshold"]))
-        took = p < cut["threshold"]
-        cut["important_of_accepted"] = float(y[took].mean()) if took.any() else None
     mining = head.summary.get("mining", {})
     return {
         "head": {"path": head.path, "features": list(head.features),

@@ -89,7 +89,8 @@ def recall_threshold(p: np.ndarray, y: np.ndarray, recall: float) -> float:
 
 def accepted_shares(p: np.ndarray, y: np.ndarray, t: float) -> dict[str, Any]:
     """What a gate accepting p < t takes: shares of the unimportant (the
-    gain) and important (the harm, with its exact 95% interval)."""
+    gain) and important (the harm, with its exact 95% interval), and the
+    important share of what it takes."""
     from fly_vllm.bench.scoring import exact_ci
 
     acc = p < t
@@ -101,6 +102,7 @@ def accepted_shares(p: np.ndarray, y: np.ndarray, t: float) -> dict[str, Any]:
         "accepted_important": k_imp / n_imp if n_imp else None,
         "accepted_important_ci": list(exact_ci(k_imp, n_imp)) if n_imp else None,
         "accepted_all": float(acc.mean()) if acc.shape[0] else None,
+        "important_of_accepted": k_imp / (k_imp + k_un) if k_imp + k_un else None,
         "n_important": n_imp, "n_unimportant": n_un,
     }
 
