@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from fly_vllm.config import FSD_DIVERGENCES, FSD_VARIANTS
+from fly_vllm.rule_names import FSD_DIVERGENCES, FSD_VARIANTS
 from fly_vllm.verifier import FlyVerifyOutput, emit, token_layout
 
 DIVERGENCES = FSD_DIVERGENCES

@@ -11,14 +11,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+# The rules' own names (a leaf module the rules import too).
+from fly_vllm.rule_names import FSD_DIVERGENCES, FSD_VARIANTS, GATES, RULES, WINDOW_CONVENTIONS
+
 FLY_METHOD = "fly"
 ADDITIONAL_CONFIG_KEY = "fly"
-WINDOW_CONVENTIONS = ("vllm", "paper")
 MAX_ENTROPY_TOP_K = 8
 DEFAULT_WINDOW = 6
-RULES = ("fly", "fsd")
-FSD_DIVERGENCES = ("js", "kl_draft_target", "kl_target_draft", "tv")
-FSD_VARIANTS = ("resample", "fallback")
 # The largest value each divergence takes (KL is unbounded).
 FSD_MAX_THRESHOLD = {"js": math.log(2), "tv": 1.0}
 DEFAULT_FSD_THRESHOLD = 0.4  # the authors' example, with "js"
@@ -29,7 +28,6 @@ DEFAULT_FSD_THRESHOLD = 0.4  # the authors' example, with "js"
 DEFAULT_FLEX_MAX_BATCH = 4
 # Drafters that propose tokens without a distribution: FSD cannot use them.
 NO_DISTRIBUTION_DRAFTERS = ("ngram", "ngram_gpu", "suffix", "medusa", "custom_class")
-GATES = ("entropy", "margin", "both", "judge")
 # llama.cpp's FLy port: a mismatch is a candidate iff log p(top1) - log p(d)
 # is below 0.3 nats (ggml-org/llama.cpp discussion 24804).
 DEFAULT_MARGIN = 0.3
