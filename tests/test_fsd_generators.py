@@ -24,14 +24,9 @@ def fsd_sampler(strict: bool, runner=None, threshold: float = 0.6):
     """make_sampler's sampler with rule fsd; ``runner`` supplies per-request
     settings (sampling params' extra_args) and output lengths."""
     from fly_vllm.config import FlyConfig
-    from fly_vllm.fsd import fsd_verify
 
-    sampler = make_sampler(strict=strict)
-    sampler.fly = FlyConfig(rule="fsd", strict=strict, fsd_threshold=threshold)
-    sampler._verify = fsd_verify  # the verifier the glue picks on the CPU
-    sampler._runner = lambda: runner
-    sampler._warned_shape = False
-    return sampler
+    return make_sampler(strict=strict, runner=runner, fly=FlyConfig(
+        rule="fsd", strict=strict, fsd_threshold=threshold))
 
 
 def fake_runner(extra_args: list[dict], generated: list[int]):
@@ -145,7 +140,7 @@ def test_sample_from_rows():
     """``rows`` picks the requests that draw: those draw exactly what the
     call without ``rows`` draws; the others get the argmax and move neither
     their generator nor the global RNG."""
-    from fly_vllm.glue import sample_from
+    from fly_vllm.runners.v1 import sample_from
 
     probs = torch.softmax(torch.randn(7, V, generator=torch.Generator().manual_seed(3)), -1)
     cu = torch.tensor([3, 5, 7])

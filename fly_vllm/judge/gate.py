@@ -55,7 +55,7 @@ class JudgeGate:
         return ~(p < threshold.to(p.device))
 
 
-def load_gate(fly, runner, device) -> JudgeGate | None:
+def load_gate(fly, model_config, device) -> JudgeGate | None:
     """The gate for a ``"judge"`` config, its head checked against the
     running target (name, hidden size, vocabulary); None for other gates."""
     if getattr(fly, "judge_path", None) is None:
@@ -65,8 +65,8 @@ def load_gate(fly, runner, device) -> JudgeGate | None:
 
     try:
         head = JudgeHead.load(fly.judge_path)
-        if runner is not None:
-            mc = runner.model_config
+        if model_config is not None:
+            mc = model_config
             head.check_pair(target=getattr(mc, "model", None),
                             hidden_size=mc.get_hidden_size(),
                             vocab_size=mc.get_vocab_size())

