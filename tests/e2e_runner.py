@@ -3,7 +3,8 @@
 Usage: python -m tests.e2e_runner JOB.json OUT.json
 
 A job: {"model", "speculative_config" (or null), "prompts", "sampling":
-{SamplingParams kwargs}, "json_schema", "max_tokens" (per prompt),
+{SamplingParams kwargs} (or a list, one per prompt; sampled prompts get
+seed 1000 + their index unless they give one), "json_schema", "max_tokens" (per prompt),
 "extra_args" (per prompt), "max_num_seqs", "env" (variables set before vLLM
 is imported) (all optional)}. The result: token ids per
 prompt, texts, and every vllm:* counter from LLM.get_metrics().
@@ -38,9 +39,10 @@ def main() -> None:
     )
     params = []
     for i, _ in enumerate(job["prompts"]):
-        kw = dict(job["sampling"])
+        sampling = job["sampling"]
+        kw = dict(sampling[i] if isinstance(sampling, list) else sampling)
         if kw.get("temperature", 0) > 0:
-            kw["seed"] = 1000 + i
+            kw.setdefault("seed", 1000 + i)
         if job.get("max_tokens"):  # per prompt
             kw["max_tokens"] = job["max_tokens"][i]
         if job.get("extra_args"):
@@ -63,6 +65,7 @@ def main() -> None:
 
     result = {
         "fly_stats": request_stats(outs),
+        "request_ids": [o.request_id for o in outs],
         "token_ids": [list(o.outputs[0].token_ids) for o in outs],
         "prompt_token_ids": [list(o.prompt_token_ids) for o in outs],
         "texts": [o.outputs[0].text for o in outs],

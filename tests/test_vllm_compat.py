@@ -285,3 +285,89 @@ def test_judge_hidden_states_hooks(root):
     assert "target_logits_indices" in fields
     rs = module(root, "v1/sample/rejection_sampler.py")
     assert params(method(rs, "RejectionSampler", "forward"))[:2] == ["self", "metadata"]
+
+
+# ---------------------------------------------------------------- runner V2
+
+V2_VERIFY = ["self", "logits", "draft_logits", "draft_sampled", "pos", "cu_num_logits",
+             "idx_mapping", "idx_mapping_np", "expanded_idx_mapping", "expanded_local_pos",
+             "seq_lens_upper_bound_np", "verify_draft_sampled"]
+V2_REJECTION_SAMPLE = ["target_logits", "draft_logits", "draft_sampled", "cu_num_logits",
+                       "pos", "idx_mapping", "expanded_idx_mapping", "expanded_local_pos",
+                       "temperature", "seed", "num_speculative_steps",
+                       "synthetic_conditional_rates"]
+
+
+@pytest.mark.parametrize("root", roots())
+def test_v2_runner_hooks(root):
+    """Patches 10 to 12: V2's runner builds vLLM's RejectionSampler in
+    load_model (by the name the module imports), adds requests with their
+    SamplingParams by state index, and samples from hidden_states rows at
+    input_batch.logits_indices, calling the rejection sampler with the
+    speculator's cached draft logits."""
+    tree = module(root, "v1/worker/gpu/model_runner.py")
+    load = method(tree, "GPUModelRunner", "load_model")
+    assert params(load)[0] == "self"
+    src = ast.unparse(load).replace("\n", " ")
+    assert "self.rejection_sampler = RejectionSampler(self.sampler, self.speculative_config, self.device, watermark_key=" in " ".join(src.split())
+    assert "self.model_state.custom_sampler(self.sampler)" in src
+    add = ast.unparse(method(tree, "GPUModelRunner", "add_requests"))
+    assert params(method(tree, "GPUModelRunner", "add_requests")) == ["self",
+                                                                        "scheduler_output"]
+    for text in ("scheduler_output.scheduled_new_reqs", "new_req_data.req_id",
+                 "new_req_data.sampling_params", "self.req_states.req_id_to_index[req_id]"):
+        assert text in add, text
+    sample = method(tree, "GPUModelRunner", "sample")
+    assert params(sample) == ["self", "hidden_states", "input_batch", "grammar_output"]
+    body = " ".join(ast.unparse(sample).split())
+    assert "hidden_states[input_batch.logits_indices]" in body
+    assert ("self.rejection_sampler(logits, input_batch, self.speculator.draft_logits, "
+            "invalid_drafts)") in body
+    assert "from vllm.v1.worker.gpu.spec_decode.rejection_sampler import" in ast.unparse(tree)
+    cpu = find(module(root, "v1/worker/cpu/model_runner.py"), "CPUModelRunner", ast.ClassDef)
+    assert [ast.unparse(b) for b in cpu.bases] == ["GPUModelRunner"]
+    warm = module(root, "v1/worker/gpu/warmup.py")
+    assert params(find(warm, "warmup_kernels"))[0] == "model_runner"
+
+
+@pytest.mark.parametrize("root", roots())
+def test_v2_rejection_sampler_hooks(root):
+    """The V2 adapter subclasses RejectionSampler and extends _verify, reads
+    the sampler's state tables, and draws corrections with rejection_sample
+    on a batch it builds: the signatures and attributes it relies on."""
+    tree = module(root, "v1/worker/gpu/spec_decode/rejection_sampler.py")
+    init = method(tree, "RejectionSampler", "__init__")
+    assert params(init) == ["self", "sampler", "spec_config", "device", "watermark_key"]
+    init_src = ast.unparse(init)
+    for attr in ("self.sampler = sampler", "self.watermark_key = watermark_key",
+                 "self.num_speculative_steps = ", "self.enable_adaptive_verification = ",
+                 "self.use_block_verification", "self.synthetic_conditional_rates"):
+        assert attr in init_src, attr
+    assert params(method(tree, "RejectionSampler", "_verify")) == V2_VERIFY
+    verify = ast.unparse(method(tree, "RejectionSampler", "_verify"))
+    assert "processed_logits = self.sampler.apply_sampling_params(" in verify
+    assert "return (processed_logits, sampled, num_sampled)" in verify
+    assert "self.sampler.sampling_states.temperature.gpu" in verify
+    assert "self.sampler.sampling_states.seeds.gpu" in verify
+    chunks = ast.unparse(method(tree, "RejectionSampler", "_verify_in_chunks"))
+    assert "input_batch.idx_mapping_np[start:end]" in chunks
+    assert "self._verify(" in chunks and "input_batch.cu_num_logits_np" in chunks
+    assert params(method(tree, "RejectionSampler", "__call__")) == [
+        "self", "logits", "input_batch", "draft_logits", "invalid_drafts"]
+    utils = module(root, "v1/worker/gpu/spec_decode/rejection_sampler_utils.py")
+    assert params(find(utils, "rejection_sample"))[:12] == V2_REJECTION_SAMPLE
+    assert "use_fp64" in params(find(utils, "rejection_sample"))
+    gumbel = ast.unparse(module(root, "v1/worker/gpu/sample/gumbel.py"))
+    # fly_vllm.kernels.v2_uniform draws what tl_rand32 draws.
+    assert "u = tl.rand(seed, offset)" in gumbel
+    assert "_TL_RAND_MIN = tl.constexpr(4.6566127342e-10)" in gumbel
+    states = ast.unparse(module(root, "v1/worker/gpu/sample/states.py"))
+    assert "self.temperature = UvaBackedTensor(" in states
+    assert "self.seeds = UvaBackedTensor(" in states
+    req = ast.unparse(module(root, "v1/worker/gpu/states.py"))
+    assert "self.prompt_len = UvaBackedTensor(" in req
+    assert "self.index_to_req_id: dict[int, str] = {}" in req
+    batch = ast.unparse(find(module(root, "v1/worker/gpu/input_batch.py"), "InputBatch",
+                             ast.ClassDef))
+    for field in ("cu_num_logits_np:", "idx_mapping_np:", "logits_indices:", "num_reqs:"):
+        assert field in batch, field

@@ -156,6 +156,12 @@ def parse_fly_config(spec: dict[str, Any]) -> tuple[dict[str, Any], FlyConfig]:
             "replaces verification; remove it (allowed: \"standard\")"
         )
 
+    if spec.get("enable_adaptive_verification"):
+        raise FlyConfigError(
+            "enable_adaptive_verification conflicts with method 'fly': it changes each "
+            "request's draft count on the device, after FLy's per-request settings are "
+            "read; remove it")
+
     k = spec.get("num_speculative_tokens")
     if not isinstance(k, int) or isinstance(k, bool) or k < 2:
         raise FlyConfigError(

