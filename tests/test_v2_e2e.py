@@ -202,3 +202,45 @@ def test_a_feature_v2_cannot_serve_is_refused_before_the_engine(tiny_pair):
     assert "FlyConfigError: fly-vllm on model runner V2 (VLLM_USE_V2_MODEL_RUNNER=1) " \
            "does not support fly.flex" in r.stdout, r.stderr[-3000:]
     assert "Loading weights" not in r.stderr
+
+
+# ------------------------------------------------------------------ rule fsd
+
+FSD_GROUPS = {"strict": ({"strict": True}, False), "strict_seeded": ({"strict": True}, True),
+              "loose": ({}, False), "loose_seeded": ({}, True)}
+
+
+def fsd_job(target: str, near: str) -> dict:
+    return {"model": target, "prompts": PROMPTS * len(FSD_GROUPS),
+            "sampling": [s for _, seeded in FSD_GROUPS.values() for s in sampling(seeded)],
+            "extra_args": [{"fly": g} for g, _ in FSD_GROUPS.values() for _ in PROMPTS],
+            "max_num_seqs": len(PROMPTS) * len(FSD_GROUPS),
+            "speculative_config": {"method": "fly", "model": near, "num_speculative_tokens": K,
+                                   "fly": {"rule": "fsd", "fsd_threshold": 0.6}}}
+
+
+@pytest.fixture(scope="module")
+def fsd_runs(tiny_pair):
+    t, near = tiny_pair["target"], tiny_pair["near"]
+    return {"v2": run_job(fsd_job(t, near), "v2_fsd", runner="v2"),
+            "v1": run_job(fsd_job(t, near), "v1_fsd")}
+
+
+def test_fsd_on_v2_strict_is_vllms_and_loose_accepts(fsd_runs, runs):
+    n = len(PROMPTS)
+    got = [fsd_runs["v2"]["token_ids"][i * n:(i + 1) * n] for i in range(len(FSD_GROUPS))]
+    native = runs["v2_native"]["token_ids"]
+    assert got[0] == native[:n] and got[1] == native[n:]
+    stats = fsd_runs["v2"]["fly_stats"]
+    loose = [sum(s["loose_accepted_tokens"] for s in stats[i * n:(i + 1) * n])
+             for i in range(len(FSD_GROUPS))]
+    assert loose[0] == loose[1] == 0 and loose[2] > 0 and loose[3] > 0
+    m = fsd_runs["v2"]["metrics"]
+    assert m["vllm:fly_loose_accepted_tokens_by_rule[rule=fsd]"] == sum(loose)
+    assert "FLy verification active: runner=V2" in log("v2_fsd")
+
+
+def test_fsd_greedy_gives_v1s_tokens(fsd_runs):
+    n = len(PROMPTS)
+    v1, v2 = fsd_runs["v1"]["token_ids"], fsd_runs["v2"]["token_ids"]
+    assert v2[:n] == v1[:n] and v2[2 * n:3 * n] == v1[2 * n:3 * n]

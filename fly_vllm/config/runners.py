@@ -22,18 +22,14 @@ from fly_vllm.config.schema import FlyConfig
 ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
-def v2_unsupported(fly: FlyConfig, draft_sample_method: str | None) -> list[str]:
+def v2_unsupported(fly: FlyConfig) -> list[str]:
     """The features of this config that model runner V2 cannot serve, each
-    with its reason (empty: V2 serves it). ``draft_sample_method`` is the
-    speculative config's (vLLM's default: "greedy")."""
+    with its reason (empty: V2 serves it)."""
     out = []
     if fly.flex:
         out.append("fly.flex (flex decoding truncates and skips V1's drafter)")
     if fly.multilevel:
         out.append("fly.multilevel (the n-gram lookup drafts inside V1's drafter)")
-    if fly.rule == "fsd" and draft_sample_method != "probabilistic":
-        out.append("fly.rule \"fsd\" without \"draft_sample_method\": \"probabilistic\" "
-                   "(V2 keeps the drafter's distribution only then)")
     return out
 
 

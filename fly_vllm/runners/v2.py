@@ -15,7 +15,8 @@ A step, inside ``RejectionSampler._verify`` (per chunk of requests):
    rules' layout), with the same u vLLM draws (``fly_vllm.kernels.
    v2_uniform``) and the draft distribution V2 caches (``draft_logits``
    [max_num_reqs, K, V], before temperature; present only with
-   ``draft_sample_method: "probabilistic"``).
+   ``draft_sample_method: "probabilistic"``). Rule fsd reads the greedy
+   drafter's logits that plugin patch 14 keeps, in the same layout.
 3. The verification core applies each request's rule.
 4. A row the core decides as vLLM did keeps vLLM's tokens, and a strict
    request always does, so strict verification is vLLM's token for token.
@@ -79,6 +80,8 @@ class FlyV2RejectionSampler(RejectionSampler):
         # This step's hidden states [num_tokens, H] (plugin patch 12), for the
         # judge and the recorder; and the InputBatch of the call in progress.
         self.hidden: torch.Tensor | None = None
+        # Rule fsd: the greedy drafter's logits [max_num_reqs, K, V] (patch 14).
+        self.fsd_draft_logits: torch.Tensor | None = None
         self._batch = None
 
     @property
@@ -168,11 +171,11 @@ class FlyV2RejectionSampler(RejectionSampler):
         temp_np = states.temperature.np[idx_mapping_np]
         fsd = self.core.fly.rule == "fsd"
         q_logits = None
-        if draft_logits is not None and (fsd or (temp_np != 0).any()):
+        if draft_logits is not None and (temp_np != 0).any():
             q_logits = draft_logits[state, local].float()  # [T, V], before temperature
-        if fsd and q_logits is not None:
-            # FSD's divergence reads the drafter at temperature 1, as on V1.
-            step.fsd_draft_probs = q_logits.softmax(dim=-1)
+        if fsd and self.fsd_draft_logits is not None:
+            # FSD's divergence reads the greedy drafter at temperature 1, as on V1.
+            step.fsd_draft_probs = self.fsd_draft_logits[state, local].float().softmax(-1)
         if (temp_np != 0).any():
             temp = states.temperature.gpu[state]  # [T]
             step.is_greedy = torch.from_numpy(temp_np == 0).to(device)
@@ -181,14 +184,10 @@ class FlyV2RejectionSampler(RejectionSampler):
             step.recovered_token_ids = torch.zeros(T, dtype=torch.int64, device=device)
             if q_logits is not None:
                 # The proposal the drafts were sampled from: q at the
-                # request's temperature (greedy rows never read it).
+                # request's temperature (greedy rows never read it). Rule fsd
+                # drafts greedily: its q(d) is one-hot, as vLLM sees it.
                 scale = torch.where(temp > 0, temp, torch.ones_like(temp)).unsqueeze(-1)
-                q = (q_logits / scale).softmax(dim=-1)
-                if fsd:
-                    safe = step.draft_token_ids.long().clamp(0, q.shape[-1] - 1)
-                    step.fsd_draft_token_probs = q.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-                else:
-                    step.draft_probs = q
+                step.draft_probs = (q_logits / scale).softmax(dim=-1)
         return step, strict
 
     def _num_generated(self, pos, cu_num_logits, idx_mapping_np) -> torch.Tensor:
