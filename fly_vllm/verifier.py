@@ -40,6 +40,11 @@ verifies with):
    token vLLM sampled) or, if all drafts were accepted, the bonus token; the
    rest of the row is ``PLACEHOLDER`` (-1). This is vLLM's layout exactly.
 
+``exact_verify`` is step 1 and 5 alone, for batches whose every request is
+strict: the same outputs as ``fly_verify`` with every threshold +inf,
+without the gate's statistics (top-k entropy, margin), which exact
+verification never reads; its ``entropy`` and ``margin`` are None.
+
 The entropy is computed on the same processed logits that verification uses
 (for all-greedy batches vLLM leaves them raw; for sampled rows they carry
 temperature, top-k and top-p). This is vLLM 0.33's V1 choice too, so one
@@ -192,6 +197,66 @@ def emit(
     return out[:-1].view(batch, row_len), num_accepted, in_prefix
 
 
+def native_test(
+    draft: torch.Tensor,  # [T] int64
+    valid: torch.Tensor,  # [T] bool
+    argmax: torch.Tensor,  # [T] int64, of the processed logits
+    req: torch.Tensor,  # [T] request of each draft
+    is_greedy: torch.Tensor | None,  # [B] bool; None = all greedy
+    target_probs: torch.Tensor | None,  # [T, V]
+    draft_probs: torch.Tensor | None,  # [T, V] or None (one-hot q)
+    uniform_probs: torch.Tensor | None,  # [T]
+    recovered_token_ids: torch.Tensor | None,  # [T]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Step 1, vLLM's own test: (native [T], the correction at a rejection
+    [T], and for sampled batches p(d) and q(d) [T], else None)."""
+    native = valid & (draft == argmax)
+    if is_greedy is None:
+        return native, argmax, None, None
+    assert target_probs is not None and uniform_probs is not None
+    assert recovered_token_ids is not None
+    safe_draft = draft.clamp(0, target_probs.shape[-1] - 1).unsqueeze(-1)
+    p = target_probs.gather(-1, safe_draft).squeeze(-1)
+    q = torch.ones_like(p) if draft_probs is None else draft_probs.gather(
+        -1, safe_draft).squeeze(-1)
+    random_ok = valid & (q > 0) & ((p / q).double() >= uniform_probs)
+    token_greedy = is_greedy[req]
+    return (torch.where(token_greedy, native, random_ok),
+            torch.where(token_greedy, argmax, recovered_token_ids.long()), p, q)
+
+
+def exact_verify(
+    draft_token_ids: torch.Tensor,  # [T] int
+    cu_num_draft_tokens: torch.Tensor,  # [B] int, inclusive cumsum
+    target_logits: torch.Tensor,  # [T, V], processed
+    bonus_token_ids: torch.Tensor,  # [B, 1] or [B]
+    max_spec_len: int,
+    *,
+    is_greedy: torch.Tensor | None = None,  # [B] bool; None = all greedy
+    target_probs: torch.Tensor | None = None,  # [T, V]
+    draft_probs: torch.Tensor | None = None,  # [T, V] or None (one-hot q)
+    uniform_probs: torch.Tensor | None = None,  # [T]
+    recovered_token_ids: torch.Tensor | None = None,  # [T]
+) -> FlyVerifyOutput:
+    """Exact speculative decoding (every request strict): vLLM's rule, in
+    FLy's output layout. See the module doc."""
+    num_tokens, vocab = target_logits.shape
+    req, pos, n = token_layout(cu_num_draft_tokens, num_tokens)
+    draft = draft_token_ids.long()
+    valid = (draft >= 0) & (draft < vocab)
+    argmax = target_logits.argmax(dim=-1)
+    native, correction, _, _ = native_test(draft, valid, argmax, req, is_greedy,
+                                           target_probs, draft_probs, uniform_probs,
+                                           recovered_token_ids)
+    out, num_accepted, in_prefix = emit(native, draft, correction, bonus_token_ids, req,
+                                        pos, n, max_spec_len)
+    none = torch.zeros_like(native)
+    return FlyVerifyOutput(
+        output_token_ids=out, num_accepted=num_accepted, native=native, uncertain=none,
+        rescued=none, in_prefix=in_prefix, loose_accepted=none, gated=none,
+        guard_vetoed=none, rule_vetoed=none, positions=pos, prefix_exact=none)
+
+
 def fly_verify(
     draft_token_ids: torch.Tensor,  # [T] int
     cu_num_draft_tokens: torch.Tensor,  # [B] int, inclusive cumsum
@@ -235,25 +300,14 @@ def fly_verify(
     lse = torch.logsumexp(logits, dim=-1)
     entropy = topk_entropy(logits, entropy_top_k, lse)
 
-    native = valid & (draft == argmax)
+    native, correction, p, q = native_test(draft, valid, argmax, req, is_greedy,
+                                           target_probs, draft_probs, uniform_probs,
+                                           recovered_token_ids)
     if is_greedy is not None:
-        assert target_probs is not None and uniform_probs is not None
-        assert recovered_token_ids is not None
-        p = target_probs.gather(-1, safe_draft).squeeze(-1)
-        if draft_probs is None:
-            q = torch.ones_like(p)
-        else:
-            q = draft_probs.gather(-1, safe_draft).squeeze(-1)
-        random_ok = valid & (q > 0) & ((p / q).double() >= uniform_probs)
-        token_greedy = is_greedy[req]
-        native = torch.where(token_greedy, native, random_ok)
         finite = valid & torch.where(
-            token_greedy, draft_logit > float("-inf"), (p > 0) & (q > 0)
-        )
-        correction = torch.where(token_greedy, argmax, recovered_token_ids.long())
+            is_greedy[req], draft_logit > float("-inf"), (p > 0) & (q > 0))
     else:
         finite = valid & (draft_logit > float("-inf"))
-        correction = argmax
 
     max_logit = logits.gather(-1, argmax.unsqueeze(-1)).squeeze(-1)
     # An invalid draft (placeholder, out of range) has no logit: margin +inf.

@@ -406,3 +406,29 @@ def test_sampling_matches_reference(case, data):
         got = [t for t in out.output_token_ids[b].tolist() if t != PLACEHOLDER_TOKEN_ID]
         assert got == want
         start += n
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("ties", [False, True])
+def test_exact_verify_is_fly_verify_with_every_request_strict(sampled, ties):
+    """The core's fast path for all-strict batches: the same output rows,
+    counts and per-draft decisions as the rule with every threshold +inf."""
+    from fly_vllm.verifier import exact_verify
+    from fly_vllm.verify_cases import CaseShape, make_case
+
+    g = torch.Generator().manual_seed(7)
+    for i in range(30):
+        shape = CaseShape(4, 1 + i % 6, 50, sampled=sampled, ties=ties, veto=i % 2 == 0,
+                          margin=i % 3 == 0)
+        args = make_case("fly", g, shape, "cpu")
+        B = args["cu_num_draft_tokens"].shape[0]
+        args["entropy_threshold"] = torch.full((B,), INF)
+        want = fly_verify(**args)
+        got = exact_verify(**{k: args[k] for k in (
+            "draft_token_ids", "cu_num_draft_tokens", "target_logits", "bonus_token_ids",
+            "max_spec_len", "is_greedy", "target_probs", "draft_probs", "uniform_probs",
+            "recovered_token_ids") if k in args})
+        for f in ("output_token_ids", "num_accepted", "native", "in_prefix", "positions",
+                  "loose_accepted", "uncertain", "rescued", "gated", "guard_vetoed",
+                  "rule_vetoed", "prefix_exact"):
+            assert torch.equal(getattr(got, f), getattr(want, f)), (f, shape)

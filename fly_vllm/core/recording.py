@@ -31,25 +31,24 @@ class StepCounts:
     def record(self, out: FlyVerifyOutput, cu_num_draft_tokens: torch.Tensor,
                masks: dict[str, torch.Tensor], req_ids: list | None = None) -> None:
         req, _, n = token_layout(cu_num_draft_tokens, out.positions.shape[0])
-        zero = out.native.new_zeros((), dtype=torch.long)
-        scalars = torch.stack([
-            (n > 0).sum(),
-            n.sum(),
-            (out.native & out.in_prefix).sum(),
-            out.loose_accepted.sum(),
-            out.uncertain.sum(),
-            out.gated.sum(),
-            out.guard_vetoed.sum(),
-            *[(out.rule_vetoed & masks[r]).sum() if r in masks else zero
-              for r in metrics.GUARD_RULES],
-            out.prefix_exact.sum() if out.prefix_exact is not None else zero,
+        none = torch.zeros_like(out.native)
+        # [F, T] per-draft flags in metrics.SCALARS order after the first two.
+        flags = torch.stack([
+            out.native & out.in_prefix, out.loose_accepted, out.uncertain, out.gated,
+            out.guard_vetoed,
+            *[out.rule_vetoed & masks[r] if r in masks else none for r in metrics.GUARD_RULES],
+            out.prefix_exact if out.prefix_exact is not None else none,
+        ])
+        loose = out.loose_accepted.long()
+        counts = torch.cat([
+            torch.stack([(n > 0).sum(), n.sum()]),
+            flags.sum(dim=1),
+            # Loose accepts by rule: this core's rule only.
+            torch.nn.functional.one_hot(torch.tensor(self.rule_slot, device=n.device),
+                                        len(metrics.ACCEPT_RULES)) * loose.sum(),
+            torch.zeros(metrics.MAX_POSITIONS, dtype=torch.long,
+                        device=n.device).scatter_add_(0, out.positions, loose),
         ]).long()
-        per_pos = torch.zeros(
-            metrics.MAX_POSITIONS, dtype=torch.long, device=n.device
-        ).scatter_add_(0, out.positions, out.loose_accepted.long())
-        by_rule = torch.zeros(len(metrics.ACCEPT_RULES), dtype=torch.long, device=n.device)
-        by_rule[self.rule_slot] = scalars[3]
-        counts = torch.cat([scalars, by_rule, per_pos])
         if req_ids is not None:
             self._record_requests(req_ids, out, req, n)
         self._pending = counts if self._pending is None else self._pending + counts

@@ -6,7 +6,9 @@
 1. reads each request's settings (server config + its own overrides),
 2. builds the quality guards' and the learned judge's vetoes,
 3. runs the rule, FLy (``fly_vllm.verifier``) or FSD (``fly_vllm.fsd``),
-   through the checked verifier path (Triton on GPUs, torch elsewhere),
+   through the checked verifier path (Triton on GPUs, torch elsewhere);
+   a batch whose every request is strict takes vLLM's rule alone
+   (``exact_verify``), which needs none of the gates' statistics,
 4. records the step's counts and, with ``FLY_VLLM_JUDGE_RECORD``, its first
    mismatches for judge mining.
 
@@ -17,6 +19,7 @@ into a Step and the result back into their runner's outputs.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -28,7 +31,7 @@ from fly_vllm.core.settings import RequestParams, SettingsTable
 from fly_vllm.core.step import Step
 from fly_vllm.judge.gate import JudgeGate, judge_veto, load_gate
 from fly_vllm.judge.record import Recorder
-from fly_vllm.verifier import FlyVerifyOutput, token_layout
+from fly_vllm.verifier import FlyVerifyOutput, exact_verify, token_layout
 from fly_vllm.verify_path import CheckedVerifier, Workload, select
 
 logger = logging.getLogger("vllm.fly_vllm")  # under vLLM's handler
@@ -93,22 +96,27 @@ class VerificationCore:
         recording = self.recorder is not None and not step.warmup
         generated = (step.num_generated() if recording
                      or any(st.strict_prefix for st in settings) else None)
-        params = self.settings.params(settings, step.target_logits.device, generated)
-        masks = (guard_masks(self.fly, self.tables, settings, step.num_draft_tokens,
-                             step.draft_token_ids, step.target_logits)
-                 if any_guard(self.fly) else {})
-        judged = judge_veto(self.judge, [st.judge for st in settings],
-                            step.num_draft_tokens, step.hidden, step.hidden_rows,
-                            step.target_logits, step.draft_token_ids)
-        if judged is not None:
-            masks["judge"] = judged
-        veto = None
-        for m in masks.values():
-            veto = m if veto is None else veto | m
-        if self.fly.rule == "fsd":
-            verified = self._fsd(step, params, veto)
+        masks: dict[str, torch.Tensor] = {}
+        if all(math.isinf(st.threshold) for st in settings):
+            # Every request strict: vLLM's rule alone, no gate statistics.
+            verified = Verified(self._exact(step))
         else:
-            verified = Verified(self._fly(step, params, veto))
+            params = self.settings.params(settings, step.target_logits.device, generated)
+            if any_guard(self.fly):
+                masks = guard_masks(self.fly, self.tables, settings, step.num_draft_tokens,
+                                    step.draft_token_ids, step.target_logits)
+            judged = judge_veto(self.judge, [st.judge for st in settings],
+                                step.num_draft_tokens, step.hidden, step.hidden_rows,
+                                step.target_logits, step.draft_token_ids)
+            if judged is not None:
+                masks["judge"] = judged
+            veto = None
+            for m in masks.values():
+                veto = m if veto is None else veto | m
+            if self.fly.rule == "fsd":
+                verified = self._fsd(step, params, veto)
+            else:
+                verified = Verified(self._fly(step, params, veto))
         if not step.warmup:
             self.counts.record(verified.out, step.cu_num_draft_tokens, masks, step.req_ids)
         if recording:
@@ -117,6 +125,14 @@ class VerificationCore:
                                  step.cu_num_draft_tokens, step.draft_token_ids,
                                  step.target_logits, step.hidden, step.hidden_rows)
         return verified
+
+    @staticmethod
+    def _exact(step: Step) -> FlyVerifyOutput:
+        return exact_verify(
+            step.draft_token_ids, step.cu_num_draft_tokens, step.target_logits,
+            step.bonus_token_ids, step.max_spec_len, is_greedy=step.is_greedy,
+            target_probs=step.target_probs, draft_probs=step.draft_probs,
+            uniform_probs=step.uniform_probs, recovered_token_ids=step.recovered_token_ids)
 
     def _fly(self, step: Step, params: RequestParams, veto) -> FlyVerifyOutput:
         return self.verify_fn(
