@@ -141,6 +141,14 @@ def test_limits_modes_and_concurrency_arguments():
                                                 "--modes", "nospec,strict"]))
     # W defaults to FLy's own default, min(6, K-1).
     assert harness.build_modes(harness.parse_args(["-k", "4", "--modes", "fly"]))[0].window == 3
+    # vLLM's own speculation, same drafter and K, without the plugin's rule.
+    own = {m.name: m.spec for m in harness.build_modes(harness.parse_args(
+        ["-k", "8", "--modes", "vllm-spec"]))}["vllm-spec"]
+    assert own == {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 4,
+                   "num_speculative_tokens": 8}
+    assert {m.name: m.spec for m in harness.build_modes(harness.parse_args(
+        ["--drafter", "DRAFT", "-k", "4", "--modes", "vllm-spec"]))}["vllm-spec"] == {
+        "model": "DRAFT", "num_speculative_tokens": 4}
 
 
 def test_throughput_uses_wall_time_when_requests_overlap():

@@ -36,7 +36,7 @@ def build_modes(args) -> list[Mode]:
 
     modes = _modes(args)
     for m in modes:
-        if m.spec is not None:
+        if m.spec is not None and m.spec.get("method") == "fly":
             try:
                 parse_fly_config(m.spec)
             except FlyConfigError as e:
@@ -60,6 +60,13 @@ def _modes(args) -> list[Mode]:
             modes.append(Mode("no-spec", None))
         elif n == "strict":
             modes.append(Mode("strict", fly(args.threshold, args.window, strict=True)))
+        elif n == "vllm-spec":
+            # vLLM's own speculative decoding, same drafter and K, no plugin
+            # rule: the reference strict's cost is measured against.
+            drafter = _drafter(args)
+            method = {"method": "ngram"} if args.drafter == "ngram" else {}
+            modes.append(Mode("vllm-spec", {**method, **drafter,
+                                            "num_speculative_tokens": k}))
         elif n == "fly":
             modes.append(Mode("fly", fly(args.threshold, args.window), args.threshold,
                               args.window))
@@ -114,7 +121,7 @@ def _modes(args) -> list[Mode]:
                     continue
                 modes.append(Mode(f"fly t={t:g} w={w}", fly(t, w), t, w, sweep=True))
         else:
-            raise SystemExit(f"unknown mode {n!r}: use nospec, strict, fly, fly-digits, "
+            raise SystemExit(f"unknown mode {n!r}: use nospec, vllm-spec, strict, fly, fly-digits, "
                              "fly-eos, fsd, fsd-fallback, fly-multilevel, fly-flex, "
                              "strict-ngram, fly-ngram, points, sweep")
     return modes
