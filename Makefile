@@ -52,10 +52,11 @@ $(VLLM033)/__init__.py: | $(VENV)/.installed
 
 vllm033: $(VLLM033)/__init__.py
 
-# vLLM 0.32.0's own rejection-sampler tests (tests/v1/sample/, in its sdist
-# only), which tests/test_vllm_sampler_suite.py runs on FLy's sampler. Two
-# files are unpacked into an ignored folder; nothing of them is committed.
-VLLM032_TESTS := .vllm032/tests/v1/sample/test_rejection_sampler.py
+# vLLM 0.32.0's own rejection-sampler tests, V1's and V2's (in its sdist
+# only), which tests/test_vllm_sampler_suite.py and
+# tests/test_vllm_v2_sampler_suite.py run on FLy's samplers. The files are
+# unpacked into an ignored folder; nothing of them is committed.
+VLLM032_TESTS := .vllm032/tests/v1/worker/test_gpu_rejection_sampler_chunking.py
 
 $(VLLM032_TESTS): | $(VENV)/.installed
 	@echo "==> fetching vLLM 0.32.0's rejection-sampler tests (sdist) into .vllm032/"

@@ -1,11 +1,15 @@
 """Fetch vLLM 0.32.0's own rejection-sampler tests into an ignored folder.
 
-The test module (tests/v1/sample/test_rejection_sampler.py) and the helper it
-imports (tests/v1/sample/utils.py) ship only in vLLM's source release, not in
-its wheels. ``pip download --no-binary :all: vllm==0.32.0`` does fetch that
-sdist but then prepares its metadata, which needs vLLM's build dependencies
-(torch from source under ``:all:``, setuptools-rust, cmake): it fails, or
-installs gigabytes. So the sdist is taken from the package index pip uses
+The test modules ship only in vLLM's source release, not in its wheels: for
+model runner V1, tests/v1/sample/test_rejection_sampler.py and the helper it
+imports (tests/v1/sample/utils.py); for model runner V2,
+tests/v1/spec_decode/test_rejection_sampler_utils.py and
+tests/v1/worker/test_gpu_rejection_sampler_{chunking,i64}.py (they import
+vLLM only). Their package markers come with them.
+``pip download --no-binary :all: vllm==0.32.0`` does fetch that sdist but
+then prepares its metadata, which needs vLLM's build dependencies (torch
+from source under ``:all:``, setuptools-rust, cmake): it fails, or installs
+gigabytes. So the sdist is taken from the package index pip uses
 ($PIP_INDEX_URL, else pip's configured index-url, else pip's own default),
 checked against the pinned sha256, and only those files are unpacked. Nothing of vLLM is committed.
 
@@ -29,9 +33,16 @@ from pathlib import Path
 VERSION = "0.32.0"
 SDIST = f"vllm-{VERSION}.tar.gz"
 SDIST_SHA256 = "d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad"
+# Model runner V1's suite (tests/test_vllm_sampler_suite.py).
+SUITE = Path("tests/v1/sample/test_rejection_sampler.py")
+# Model runner V2's (tests/test_vllm_v2_sampler_suite.py).
+V2_SUITES = (Path("tests/v1/spec_decode/test_rejection_sampler_utils.py"),
+             Path("tests/v1/worker/test_gpu_rejection_sampler_chunking.py"),
+             Path("tests/v1/worker/test_gpu_rejection_sampler_i64.py"))
 MEMBERS = ("tests/__init__.py", "tests/v1/__init__.py", "tests/v1/sample/__init__.py",
-           "tests/v1/sample/utils.py", "tests/v1/sample/test_rejection_sampler.py")
-SUITE = Path(MEMBERS[-1])
+           "tests/v1/sample/utils.py", str(SUITE),
+           "tests/v1/spec_decode/__init__.py", "tests/v1/worker/__init__.py",
+           *map(str, V2_SUITES))
 TIMEOUT_S = 60
 
 
@@ -72,10 +83,12 @@ def _sdist_url(index: str) -> str:
 
 
 def fetch(dest: Path) -> Path:
-    """Unpack the suite under ``dest`` (once); return the test module's path.
-    Raises FetchError (or OSError) when it cannot."""
+    """Unpack the suites under ``dest`` (once: again only when one of the
+    files is missing, e.g. in a folder fetched before V2's were added);
+    return V1's test module's path. Raises FetchError (or OSError) when it
+    cannot."""
     target = dest / SUITE
-    if target.exists():
+    if all((dest / name).exists() for name in MEMBERS):
         return target
     index = _index()
     url = _sdist_url(index)
