@@ -7,6 +7,8 @@ load the folder like any Hugging Face checkpoint. Nothing is downloaded.
 Two models built with the same tokenizer but different seeds disagree on most
 tokens, which is what the loose-acceptance tests need; a model paired with
 itself agrees on every token.
+
+EAGLE-3 and EAGLE-1 draft heads for such a target: fly_vllm/tinyheads.py.
 """
 
 from __future__ import annotations
@@ -113,3 +115,41 @@ def build_tiny_llama(
     model.save_pretrained(out, safe_serialization=True)
     marker.write_text(json.dumps(spec))
     return out
+
+
+# ---------------------------------------------------------------------------
+# EAGLE draft heads for the tiny target
+#
+# vLLM's EAGLE-3 head (Eagle3LlamaForCausalLM, vllm/model_executor/models/
+# llama_eagle3.py) and EAGLE-1 head (EagleLlamaForCausalLM, llama_eagle.py)
+# are written again below in plain torch, trained on the target's greedy
+# text decoded by transformers, and saved under the names vLLM's loaders
+# read. What vLLM 0.32 feeds them (from its source: v1/spec_decode/
+# llm_base_proposer.py, v1/worker/gpu_model_runner.py, models/llama.py,
+# models/interfaces.py):
+#
+# * Drafter slot p sits at the target's position p; its token is x[p+1]
+#   (the input ids shifted left by one, the sampled token in the last slot)
+#   and its hidden state the target's at p, so it predicts token p + 2.
+# * EAGLE-3: the hidden state is the concatenation, in ascending layer
+#   order, of the target's residual streams after k decoder layers (pre
+#   final norm; k = 0 is the embedding output) for k in the head config's
+#   `eagle_aux_hidden_state_layer_ids`. Without that field vLLM takes
+#   (2, L // 2, L - 3), useless for L = 2. The head's fc maps them to H.
+#   `num_aux_hidden_states` sizes fc (default 3; the id list is read only
+#   from an `eagle_config` dict), so both are written.
+# * EAGLE-1: the hidden state is the target's final, normed hidden state.
+# * Later draft steps feed the head's own output back as the hidden state
+#   (EAGLE-3: the residual before its final norm, not through fc; EAGLE-1:
+#   its only output), with the drafted token, at the next position. The
+#   drafter's KV cache holds target-fed entries up to p and its own after.
+# * A checkpoint without `embed_tokens` shares the target's embedding; one
+#   without `lm_head` shares the target's LM head, as does one whose
+#   lm_head equals the target's (EAGLE-1's model has no LM head of its
+#   own). The EAGLE-3 heads here use the target's embedding and their own
+#   trained LM head; the EAGLE-1 heads use both of the target's.
+# * `d2t` (target id = draft id + d2t[draft id]) is read only when
+#   `draft_vocab_size` differs from the target's vocab size; `t2d` is
+#   always skipped. These heads draft over the whole vocabulary and ship
+#   neither (a `d2t` would find no parameter to load into).
+#
