@@ -152,6 +152,11 @@ class CounterStore:
         """Add a full [NUM_SLOTS] vector of increments."""
         self.values[: counts.shape[0]] += counts
 
+    def add_first(self, increments: list) -> None:
+        """Add to the first len(increments) slots (drafts, draft tokens,
+        native accepts: all an exactly verified step changes)."""
+        self.values[: len(increments)] += np.asarray(increments, dtype=np.int64)
+
 
 def worker_store() -> CounterStore:
     global _store

@@ -79,7 +79,8 @@ class FlyVerifyOutput:
         rule_vetoed: [T] bool, uncertain mismatch vetoed by a quality guard
             (the ``veto`` input).
         positions: [T] int64, position of each draft token in its request.
-        entropy: [T] float32, top-k entropy in nats (FLy; None for FSD).
+        entropy: [T] float32, top-k entropy in nats at each mismatch, 0 at
+            native matches (FLy; None for FSD and exact verification).
         divergence: [T] float32, D(p, q) per draft (FSD; None for FLy).
         margin: [T] float32, log p(argmax) - log p(d) in nats (FLy; +inf
             where the draft's logit is -inf; None for FSD).
@@ -120,6 +121,25 @@ def topk_entropy(
     p = logp.exp()
     terms = torch.where(p > 0, p * logp, torch.zeros_like(p))
     return torch.nan_to_num(-terms.sum(dim=-1), nan=0.0)
+
+
+def mismatch_entropy(
+    logits: torch.Tensor,  # [T, V] float32
+    mismatch: torch.Tensor,  # [T] bool
+    k: int,
+) -> torch.Tensor:
+    """[T] float32: the top-k entropy at each mismatch, 0 at native matches
+    (the gate reads no other row). On the CPU only the mismatch rows are
+    reduced (usually a few of T); elsewhere every row, then masked, so that
+    nothing waits on the host."""
+    if logits.device.type != "cpu":
+        zero = torch.zeros((), device=logits.device)
+        return torch.where(mismatch, topk_entropy(logits, k), zero)
+    out = torch.zeros(logits.shape[0], dtype=torch.float32)
+    rows = mismatch.nonzero().squeeze(1)
+    if rows.numel():
+        out[rows] = topk_entropy(logits[rows], k)
+    return out
 
 
 def draft_margin(
@@ -297,12 +317,11 @@ def fly_verify(
     logits = target_logits.float()
     argmax = logits.argmax(dim=-1)
     draft_logit = logits.gather(-1, safe_draft).squeeze(-1)
-    lse = torch.logsumexp(logits, dim=-1)
-    entropy = topk_entropy(logits, entropy_top_k, lse)
 
     native, correction, p, q = native_test(draft, valid, argmax, req, is_greedy,
                                            target_probs, draft_probs, uniform_probs,
                                            recovered_token_ids)
+    entropy = mismatch_entropy(logits, ~native, entropy_top_k)
     if is_greedy is not None:
         finite = valid & torch.where(
             is_greedy[req], draft_logit > float("-inf"), (p > 0) & (q > 0))

@@ -288,6 +288,9 @@ def fly_verify_triton(
     req, pos, _ = token_layout(cu_num_draft_tokens, T)
     bit = lambda m: (flags & m.value) != 0  # noqa: E731
     loose_ok = torch.isfinite(entropy_threshold)[req]
+    # The gate reads the entropy of mismatches only; the reference reports
+    # 0 at native matches, and so do we.
+    ent = torch.where(bit(NATIVE), torch.zeros((), device=ent.device), ent)
     return FlyVerifyOutput(
         output_token_ids=out, num_accepted=num_acc, native=bit(NATIVE),
         uncertain=bit(UNCERTAIN), rescued=bit(RESCUED), in_prefix=bit(IN_PREFIX),

@@ -22,11 +22,17 @@ STEPS = 4
 
 def fsd_sampler(strict: bool, runner=None, threshold: float = 0.6):
     """make_sampler's sampler with rule fsd; ``runner`` supplies per-request
-    settings (sampling params' extra_args) and output lengths."""
+    settings (sampling params' extra_args) and output lengths. All-strict
+    steps go through FSD's exact rows here, not vLLM's own verification
+    (which the engine takes for them), so these tests check the rule."""
     from fly_vllm.config import FlyConfig
 
-    return make_sampler(strict=strict, runner=runner, fly=FlyConfig(
+    return make_sampler(strict=strict, runner=runner, shortcut=False, fly=FlyConfig(
         rule="fsd", strict=strict, fsd_threshold=threshold))
+
+
+def verify(sampler, rs, args):
+    return sampler.fly_rejection_sample(rs, rs.rejection_sample, **args)
 
 
 def fake_runner(extra_args: list[dict], generated: list[int]):
@@ -85,7 +91,7 @@ def assert_one_seeded_request_is_vllms(rs, sampler, with_q: bool) -> None:
     """One request seeded 42, K 3, over 4 steps: the sampler's tokens, its
     generator's state and the global RNG's state all equal vLLM's."""
     got, got_gens, got_rng = run_steps(
-        lambda a: sampler.fly_rejection_sample(rs, **a), [3], {0: 42}, with_q)
+        lambda a: verify(sampler, rs, a), [3], {0: 42}, with_q)
     want, want_gens, want_rng = vllm_steps(rs, [3], {0: 42}, with_q)
     assert got == want
     assert torch.equal(got_gens[0], want_gens[0])
@@ -105,7 +111,7 @@ def test_exact_unseeded_batch_leaves_global_rng_as_vllm(rs):
     nothing more from it, so the later steps stay vLLM's too."""
     sampler = fsd_sampler(strict=True)
     n, greedy = [3, 2, 3], [False, True, False]
-    got, _, got_rng = run_steps(lambda a: sampler.fly_rejection_sample(rs, **a),
+    got, _, got_rng = run_steps(lambda a: verify(sampler, rs, a),
                                 n, {}, True, greedy)
     want, _, want_rng = vllm_steps(rs, n, {}, True, greedy)
     assert got == want
@@ -119,7 +125,7 @@ def test_mixed_batch_strict_row_matches_vllm(rs):
     runner = fake_runner([{"fly": {"strict": True}}, {}], [0, 0])
     sampler = fsd_sampler(strict=False, runner=runner)
     n, seeds = [3, 3], {0: 42, 1: 7}
-    got, got_gens, _ = run_steps(lambda a: sampler.fly_rejection_sample(rs, **a),
+    got, got_gens, _ = run_steps(lambda a: verify(sampler, rs, a),
                                  n, seeds, True)
     want, want_gens, _ = vllm_steps(rs, n, seeds, True)
     assert [s[0] for s in got] == [s[0] for s in want]

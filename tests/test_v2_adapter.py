@@ -39,8 +39,9 @@ def totals(report: dict, kind: str) -> Counter:
     return t
 
 
-def test_strict_rows_are_vllms(report):
-    t = totals(report, "strict")
+@pytest.mark.parametrize("kind", ["strict", "strict_core"])
+def test_strict_rows_are_vllms(report, kind):
+    t = totals(report, kind)
     assert t["bad"] == 0 and t["loose_rows"] == 0
     assert t["equal_rows"] >= 40  # every row of 20 random batches
 

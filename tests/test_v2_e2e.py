@@ -5,7 +5,7 @@ standalone draft model.
 One V2 engine serves every FLy rule at once through per-request settings
 (the judge gate's head at its own and other thresholds, the entropy,
 margin and both gates, a strict prefix, no window, strict), greedy and
-seeded. Against it: vLLM V2's own draft-model speculation (strict must be
+seeded, with the digit guard on. Against it: vLLM V2's own draft-model speculation (strict must be
 its tokens, greedy and seeded), and the same job on model runner V1 (each
 greedy rule must give V1's tokens)."""
 
@@ -59,7 +59,8 @@ def rules_job(target: str, near: str, head: str, record: str | None = None) -> d
            "extra_args": [{"fly": g} for g, _ in GROUPS.values() for _ in PROMPTS],
            "max_num_seqs": len(PROMPTS) * len(GROUPS),
            "speculative_config": {"method": "fly", "model": near, "num_speculative_tokens": K,
-                                  "fly": {"gate": "judge", "judge_path": head, "window": 2}}}
+                                  "fly": {"gate": "judge", "judge_path": head, "window": 2,
+                                          "guard_digits": True}}}
     if record:
         job["env"] = {"FLY_VLLM_JUDGE_RECORD": record}
     return job
@@ -124,6 +125,8 @@ def test_every_loose_rule_accepts_loosely_on_v2(runs):
     # gate at 0 with the same window; at 0 it passes none (strict).
     assert got["judge"] == got["entropy"] and got["judge0"] == got["strict"]
     assert runs["v2"]["metrics"]["vllm:fly_judge_vetoes"] > 0
+    # The digit guard (on for every loose request here) vetoes on V2 too.
+    assert runs["v2"]["metrics"]["vllm:fly_digit_guard_vetoes"] > 0
     # The strict prefix: the first 12 tokens are the target's own.
     assert all(p[:12] == s[:12] for p, s in zip(got["prefix"], got["strict"]))
     assert got["prefix"] != got["strict"]
@@ -244,3 +247,56 @@ def test_fsd_greedy_gives_v1s_tokens(fsd_runs):
     n = len(PROMPTS)
     v1, v2 = fsd_runs["v1"]["token_ids"], fsd_runs["v2"]["token_ids"]
     assert v2[:n] == v1[:n] and v2[2 * n:3 * n] == v1[2 * n:3 * n]
+
+
+# ------------------------------------------------------------------ EAGLE-3
+
+EAGLE_GROUPS = {"strict": ({"strict": True}, False), "strict_seeded": ({"strict": True}, True),
+                "entropy": ({"entropy_threshold": 0.0}, False),
+                "margin": ({"gate": "margin", "margin": 4.0}, False),
+                "entropy_seeded": ({"entropy_threshold": 0.0}, True)}
+
+
+@pytest.fixture(scope="module")
+def eagle_runs(tiny_pair):
+    from fly_vllm.tinyheads import build_tiny_eagle3
+
+    t = tiny_pair["target"]
+    head = str(build_tiny_eagle3(SCRATCH / "eagle3", t))
+    spec = {"method": "eagle3", "model": head, "num_speculative_tokens": K}
+    fly = {"model": t, "prompts": PROMPTS * len(EAGLE_GROUPS),
+           "sampling": [s for _, seeded in EAGLE_GROUPS.values() for s in sampling(seeded)],
+           "extra_args": [{"fly": g} for g, _ in EAGLE_GROUPS.values() for _ in PROMPTS],
+           "max_num_seqs": len(PROMPTS) * len(EAGLE_GROUPS),
+           "speculative_config": {**spec, "method": "fly",
+                                  "fly": {"drafter": "eagle3", "window": 2}}}
+    native = {"model": t, "prompts": PROMPTS * 2,
+              "sampling": sampling(False) + sampling(True), "speculative_config": spec}
+    return {"v2": run_job(fly, "v2_eagle3", runner="v2"),
+            "v2_native": run_job(native, "v2_eagle3_native", runner="v2"),
+            "v1": run_job(fly, "v1_eagle3")}
+
+
+def test_eagle3_on_v2_strict_is_vllms_and_loose_rules_accept(eagle_runs):
+    n = len(PROMPTS)
+    r = eagle_runs["v2"]
+    got = {g: r["token_ids"][i * n:(i + 1) * n] for i, g in enumerate(EAGLE_GROUPS)}
+    native = eagle_runs["v2_native"]["token_ids"]
+    assert got["strict"] == native[:n] and got["strict_seeded"] == native[n:]
+    loose = {g: sum(s["loose_accepted_tokens"] for s in r["fly_stats"][i * n:(i + 1) * n])
+             for i, g in enumerate(EAGLE_GROUPS)}
+    assert loose["strict"] == loose["strict_seeded"] == 0
+    assert loose["entropy"] > 0 and loose["margin"] > 0 and loose["entropy_seeded"] > 0, loose
+    m = r["metrics"]
+    # The head drafts what the target accepts (a random head would not).
+    assert m["vllm:fly_native_accepted_tokens"] > 0.3 * m["vllm:fly_draft_tokens"]
+    assert "FLy verification active: runner=V2" in log("v2_eagle3")
+    assert m["vllm:fly_drafter_passes"] == K * m["vllm:fly_drafter_calls"] > 0
+
+
+def test_eagle3_greedy_rules_give_v1s_tokens(eagle_runs):
+    n = len(PROMPTS)
+    v1, v2 = eagle_runs["v1"]["token_ids"], eagle_runs["v2"]["token_ids"]
+    for i, (g, (_, seeded)) in enumerate(EAGLE_GROUPS.items()):
+        if not seeded:
+            assert v2[i * n:(i + 1) * n] == v1[i * n:(i + 1) * n], g

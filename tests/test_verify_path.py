@@ -240,8 +240,8 @@ def test_an_engine_with_a_wrong_verifier_verifies_with_torch(tiny_pair):
             plain["metrics"]["vllm:fly_verifier_fallbacks"]) == (1, 0)
     log = (SCRATCH / "jobs" / "verify_path_wrong_result.log").read_text()
     assert log.count("verifying with the torch path from now on") == 1
-    assert ("FLy verification active: path=torch (custom tests.faulty_verifiers:"
+    assert ("FLy verification active: runner=V1, path=torch (custom tests.faulty_verifiers:"
             "wrong_result failed: disagrees with the torch reference on output_token_ids"
             in log)
     plain_log = (SCRATCH / "jobs" / "verify_path_torch.log").read_text()
-    assert "FLy verification active: path=torch;" in plain_log
+    assert "FLy verification active: runner=V1, path=torch;" in plain_log

@@ -29,9 +29,11 @@ def rs():
 
 
 def make_sampler(strict: bool, threshold: float = 0.3, window: int = 2, fly=None,
-                 runner=None):
+                 runner=None, shortcut: bool = True):
     """The V1 adapter the plugin installs, without a model runner: its core
-    verifies with the rule's torch reference and records nothing (warm-up)."""
+    verifies with the rule's torch reference and records nothing (warm-up).
+    ``shortcut`` False sends even all-strict batches through the rule (as
+    when mining's recorder runs) instead of vLLM's own verification."""
     from fly_vllm.config import FlyConfig
     from fly_vllm.core import VerificationCore
     from fly_vllm.fsd import fsd_verify
@@ -46,6 +48,8 @@ def make_sampler(strict: bool, threshold: float = 0.3, window: int = 2, fly=None
     sampler._warmup = contextvars.ContextVar("w", default=True)
     sampler._runner = lambda: runner
     sampler.hidden = sampler._rows = None
+    if not shortcut:
+        sampler.core.exact_only = lambda requests: False
     return sampler
 
 
@@ -75,9 +79,10 @@ def seeded_generators(meta, seed):
                        for i in range(len(meta.temperature))}
 
 
+@pytest.mark.parametrize("shortcut", [False, True])
 @pytest.mark.parametrize("with_q", [False, True])
 @pytest.mark.parametrize("seed", range(12))
-def test_strict_equals_vllm_rejection_sample(rs, seed, with_q):
+def test_strict_equals_vllm_rejection_sample(rs, seed, with_q, shortcut):
     mask = [bool(x) for x in torch.randint(0, 2, (4,),
                                            generator=torch.Generator().manual_seed(seed))]
     args = batch(seed, mask, with_q)
@@ -86,7 +91,8 @@ def test_strict_equals_vllm_rejection_sample(rs, seed, with_q):
     want = rs.rejection_sample(**args)
     seeded_generators(args["sampling_metadata"], 7)
     torch.manual_seed(seed)
-    got = make_sampler(strict=True).fly_rejection_sample(rs, **args)
+    got = make_sampler(strict=True, shortcut=shortcut).fly_rejection_sample(
+        rs, rs.rejection_sample, **args)
     assert torch.equal(got, want)
 
 
@@ -108,6 +114,6 @@ def test_loose_differs_from_vllm_somewhere(rs):
         want = rs.rejection_sample(**args)
         torch.manual_seed(seed)
         got = make_sampler(strict=False, threshold=0.0, window=1).fly_rejection_sample(
-            rs, **args)
+            rs, rs.rejection_sample, **args)
         differ += int(not torch.equal(got, want))
     assert differ > 0

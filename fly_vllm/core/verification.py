@@ -83,6 +83,21 @@ class VerificationCore:
                    judge=load_gate(fly, model_config, device),
                    recorder=Recorder.from_env())
 
+    def exact_only(self, requests: list) -> bool:
+        """Whether this step needs nothing but exact verification: every
+        request strict, and no recorder reading per-draft decisions. The
+        runner then verifies as vLLM does, and the step is counted with
+        ``count_exact``."""
+        return self.recorder is None and all(
+            math.isinf(st.threshold) for st in self.settings.batch(requests))
+
+    def count_exact(self, num_accepted: torch.Tensor, num_draft_tokens: list[int],
+                    requests: list, warmup: bool = False) -> None:
+        """Count a step the runner verified exactly: [B] accepted drafts."""
+        if not warmup:
+            self.counts.record_exact(num_accepted, num_draft_tokens,
+                                     [r[0] if r is not None else None for r in requests])
+
     def describe(self) -> str:
         return self.verify_fn.describe() if hasattr(self.verify_fn, "describe") else "torch"
 

@@ -35,16 +35,17 @@ def install_dispatcher(mod, active) -> None:
     original = mod.rejection_sample
     if getattr(original, _PATCHED_ATTR, False):
         return
-    signature = inspect.signature(original)
+    params = inspect.signature(original).parameters
+    names = list(params)
+    defaults = {k: p.default for k, p in params.items() if p.default is not p.empty}
 
     @functools.wraps(original)
     def rejection_sample(*args, **kwargs):
         sampler = active.get()
         if sampler is None:
             return original(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return sampler.fly_rejection_sample(mod, **bound.arguments)
+        arguments = {**defaults, **dict(zip(names, args)), **kwargs}
+        return sampler.fly_rejection_sample(mod, original, **arguments)
 
     setattr(rejection_sample, _PATCHED_ATTR, True)
     mod.rejection_sample = rejection_sample
@@ -179,6 +180,7 @@ class FlyRejectionSampler(RejectionSampler):
     def fly_rejection_sample(
         self,
         mod,
+        vllm_rejection_sample,
         draft_token_ids: torch.Tensor,  # [T]
         num_draft_tokens: list[int],  # [B]
         max_spec_len: int,
@@ -191,8 +193,9 @@ class FlyRejectionSampler(RejectionSampler):
         use_fp64_gumbel: bool = False,
         **unused: Any,
     ) -> torch.Tensor:
-        """Same contract as vLLM's ``rejection_sample``: returns
-        [B, max_spec_len + 1] int32 in vLLM's output layout."""
+        """Same contract as vLLM's ``rejection_sample`` (which the dispatcher
+        passes as ``vllm_rejection_sample``): returns [B, max_spec_len + 1]
+        int32 in vLLM's output layout."""
         if synthetic_mode:
             raise ValueError("FLy cannot run with synthetic rejection sampling")
         sm = sampling_metadata
@@ -201,8 +204,18 @@ class FlyRejectionSampler(RejectionSampler):
         # Under FSD, draft_probs is the greedy drafter's softmax (for the
         # divergence); vLLM's own p/q test treats that drafter as one-hot.
         vllm_q = None if fsd else draft_probs
+        requests = self._batch_requests(len(num_draft_tokens))
+        if self.core.exact_only(requests):
+            # Every request strict: vLLM's own verification, counted.
+            rows = vllm_rejection_sample(
+                draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
+                vllm_q, target_logits, bonus_token_ids, sampling_metadata,
+                synthetic_mode=synthetic_mode, use_fp64_gumbel=use_fp64_gumbel, **unused)
+            self.core.count_exact((rows >= 0).sum(dim=1) - 1, num_draft_tokens, requests,
+                                  self._warmup.get())
+            return rows
         step = Step(draft_token_ids, num_draft_tokens, cu_num_draft_tokens, target_logits,
-                    bonus_token_ids, max_spec_len, self._batch_requests(len(num_draft_tokens)),
+                    bonus_token_ids, max_spec_len, requests,
                     num_generated=lambda: self._num_generated(step.requests),
                     fsd_draft_probs=draft_probs if fsd else None,
                     hidden=self.hidden, hidden_rows=self._rows,

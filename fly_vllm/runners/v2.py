@@ -19,7 +19,9 @@ A step, inside ``RejectionSampler._verify`` (per chunk of requests):
    drafter's logits that plugin patch 14 keeps, in the same layout.
 3. The verification core applies each request's rule.
 4. A row the core decides as vLLM did keeps vLLM's tokens, and a strict
-   request always does, so strict verification is vLLM's token for token.
+   request always does, so strict verification is vLLM's token for token
+   (a step whose every request is strict skips 2 and 3: vLLM's rows,
+   counted).
    Any other row (a loose accept, or FSD's correction from p) takes the
    core's drafts up to its accepted length L, then the token vLLM itself
    would emit at row L: vLLM's ``rejection_sample`` run on a one-draft
@@ -111,9 +113,14 @@ class FlyV2RejectionSampler(RejectionSampler):
         n_np = np.maximum(np.diff(cu_np) - 1, 0)
         if int(n_np.sum()) == 0:
             return processed, sampled, num_sampled
+        requests = [self.requests.get(int(s)) for s in idx_mapping_np]
+        if self.core.exact_only(requests):  # every request strict: vLLM's rows
+            self.core.count_exact(num_sampled.long() - 1, n_np.tolist(), requests,
+                                  self._warmup.get())
+            return processed, sampled, num_sampled
         step, strict = self._step(processed, draft_logits, verify_draft_sampled, pos,
                                   cu_num_logits, idx_mapping, idx_mapping_np, n_np,
-                                  first_row)
+                                  first_row, requests)
         verified = self.core.verify(step)
         if not strict.all():
             sampled, num_sampled = self._emit(
@@ -136,7 +143,8 @@ class FlyV2RejectionSampler(RejectionSampler):
         return cu - cu[0], int(cu[0])
 
     def _step(self, processed, draft_logits, verify_draft_sampled, pos, cu_num_logits,
-              idx_mapping, idx_mapping_np, n_np, first_row) -> tuple[Step, np.ndarray]:
+              idx_mapping, idx_mapping_np, n_np, first_row, requests
+              ) -> tuple[Step, np.ndarray]:
         """The rules' layout of this chunk, and which requests are strict [B]."""
         device = processed.device
         states = self.sampler.sampling_states
@@ -146,7 +154,6 @@ class FlyV2RejectionSampler(RejectionSampler):
         req, local, _ = token_layout(cu_draft, T)
         rows = cu_num_logits[:-1].long()[req] + local  # [T] each draft's logits row
         state = idx_mapping.long()[req]  # [T]
-        requests = [self.requests.get(int(s)) for s in idx_mapping_np]
         settings = self.core.settings.batch(requests)
         strict = np.array([np.isinf(st.threshold) for st in settings])
         target = processed[rows]  # [T, V]

@@ -10,7 +10,9 @@ V2's cached draft logits; placeholder drafts) verified at ``_verify``, the
 level where the adapter works, by vLLM's sampler and by ours on the same
 inputs. Checks:
 
-1. strict: every row (tokens up to num_sampled, and num_sampled) is vLLM's;
+1. strict: every row (tokens up to num_sampled, and num_sampled) is vLLM's,
+   whether the step takes vLLM's rows at once (every request strict) or
+   goes through the verification core's exact path;
 2. loose (FLy, entropy 0, window 1): a row the core accepted nothing
    loosely in is vLLM's; a row with loose accepts emits its drafts up to L
    and then, at L, exactly the token vLLM's own sampler emits when its
@@ -18,7 +20,8 @@ inputs. Checks:
    ``_verify`` on a copy of the batch whose rows before L are made certain
    accepts (a logit of +60 at the draft; row L is unchanged);
 3. FSD's resample variant, whose corrections come from p: the same oracle
-   with the draft at L replaced by a placeholder (vLLM then samples p);
+   with the draft at L replaced by a placeholder (vLLM then samples p); the
+   drafter greedy, its logits handed to FSD as plugin patch 14 does;
 4. the uniforms our kernel draws equal vLLM's ``tl_rand32`` bit for bit.
 """
 
@@ -138,6 +141,12 @@ def oracle(vllm_rs, args, b, L, n, placeholder_at_l=False):
 def run_case(seed, with_q, fly_cfg, kind):
     args, temps, seeds, prompt_lens, n = make_batch(seed, with_q)
     vllm_rs, fly_rs = samplers(fly_cfg, temps, seeds, prompt_lens)
+    if kind == "strict_core":  # through the core's exact path, not vLLM's rows alone
+        fly_rs.core.exact_only = lambda requests: False
+    if kind == "fsd":
+        # As on an engine (plugin patch 14): the drafter drafts greedily, so
+        # vLLM sees no draft logits, and its logits reach FSD on their own.
+        fly_rs.fsd_draft_logits, args["draft_logits"] = args["draft_logits"], None
     _, s_v, ns_v = vllm_rs._verify(**args)
     _, s_f, ns_f = fly_rs._verify(**args)
     want, got = rows_of(s_v, ns_v), rows_of(s_f, ns_f)
@@ -147,7 +156,7 @@ def run_case(seed, with_q, fly_cfg, kind):
         if got[b] == want[b]:
             out["equal_rows"] += 1
             continue
-        if kind == "strict":
+        if kind.startswith("strict"):
             out["bad_rows"].append([b, got[b], want[b]])
             continue
         L = len(got[b]) - 1
@@ -180,7 +189,7 @@ def uniforms_match() -> bool:
 def main() -> None:
     from fly_vllm.config import FlyConfig
 
-    cases = {"strict": FlyConfig(strict=True),
+    cases = {"strict": FlyConfig(strict=True), "strict_core": FlyConfig(strict=True),
              "loose": FlyConfig(entropy_threshold=0.0, window=1),
              "fsd": FlyConfig(rule="fsd", fsd_threshold=0.6)}
     results = []
