@@ -141,9 +141,12 @@ class CounterStore:
 
     def __init__(self, directory: Path):
         path = directory / f"worker-{os.getpid()}.bin"
-        self.values = np.lib.format.open_memmap(
+        self._map = np.lib.format.open_memmap(
             path, mode="w+", dtype=np.int64, shape=(NUM_SLOTS,)
         )
+        # A plain ndarray over the same memory: np.memmap's own indexing
+        # costs several times more, and this runs every step.
+        self.values = self._map.view(np.ndarray)
 
     def add(self, name: str, value: int) -> None:
         self.values[INDEX[name]] += int(value)
@@ -269,9 +272,11 @@ class RequestTable:
     robin, so the oldest request's row is overwritten after that many."""
 
     def __init__(self, directory: Path):
-        self.rows = np.lib.format.open_memmap(
+        self._map = np.lib.format.open_memmap(
             directory / f"requests-{os.getpid()}.bin", mode="w+", dtype=_REQUEST_DTYPE,
             shape=(REQUEST_SLOTS,))
+        self.rows = self._map.view(np.ndarray)  # as CounterStore.values
+        self._counts = self.rows["c"]  # [REQUEST_SLOTS, 4], a view
         self.slot: dict[str, int] = {}
         self.next = 0
 
@@ -288,7 +293,7 @@ class RequestTable:
                 self.slot.pop(old, None)
                 self.slot[rid] = s
                 self.rows[s] = (rid.encode()[:96], np.zeros(len(REQUEST_FIELDS), np.int64))
-            self.rows[s]["c"] += c
+            self._counts[s] += c
 
 
 _requests: RequestTable | None = None

@@ -122,12 +122,20 @@ def test_sampled_requests_are_seeded_and_loosely_accept(tiny_pair):
 
 
 def test_ngram_drafter_strict_equals_no_spec(tiny_pair, greedy_runs):
+    """n-gram drafting: strict requests are the target's own text, and in the
+    same batch loose ones (entropy gate 0, window 1) accept loosely."""
     t = tiny_pair["target"]
     ngram = {"method": "fly", "prompt_lookup_min": 1, "prompt_lookup_max": 3,
              "num_speculative_tokens": 4, "fly": {"strict": True}}
-    r = run_job(job(t, ngram), "ngram_strict")
-    assert r["token_ids"] == greedy_runs["nospec"]["token_ids"]
+    loose = {"fly": {"strict": False, "entropy_threshold": 0.0, "window": 1}}
+    r = run_job(job(t, ngram, prompts=PROMPTS * 2,
+                    extra_args=[{}] * len(PROMPTS) + [loose] * len(PROMPTS)), "ngram_strict")
+    n = len(PROMPTS)
+    assert r["token_ids"][:n] == greedy_runs["nospec"]["token_ids"]
     assert r["metrics"]["vllm:fly_draft_tokens"] > 0
+    stats = r["fly_stats"]
+    assert sum(s["loose_accepted_tokens"] for s in stats[:n]) == 0
+    assert sum(s["loose_accepted_tokens"] for s in stats[n:]) > 0
 
 
 SCHEMA = {

@@ -48,15 +48,15 @@ class StepCounts:
         """A step verified exactly by the runner itself (every request
         strict): drafts, draft tokens and native accepts ``num_accepted``
         [B]; nothing else happens in such a step."""
-        n = np.asarray(num_draft_tokens, dtype=np.int64)
+        drafts = sum(1 for k in num_draft_tokens if k > 0)
         if num_accepted.device.type != "cpu":
             acc = num_accepted.long()
             counts = torch.zeros(metrics.PER_POS_OFFSET + metrics.MAX_POSITIONS,
                                  dtype=torch.long, device=acc.device)
-            counts[0], counts[1] = int((n > 0).sum()), int(n.sum())
+            counts[0], counts[1] = drafts, sum(num_draft_tokens)
             counts[2] = acc.sum()
             if req_ids is not None:
-                nd = torch.from_numpy(n).to(acc.device)
+                nd = torch.tensor(num_draft_tokens, device=acc.device)
                 metrics.request_table().add(req_ids, torch.stack(
                     [(nd > 0).long(), nd, acc, torch.zeros_like(acc)], 1).cpu().numpy())
             self._pending = counts if self._pending is None else self._pending + counts
@@ -67,9 +67,10 @@ class StepCounts:
             return
         acc = num_accepted.numpy()
         if req_ids is not None:
+            n = np.asarray(num_draft_tokens, dtype=np.int64)
             metrics.request_table().add(req_ids, np.stack(
                 [n > 0, n, acc, np.zeros_like(acc)], axis=1))
-        metrics.worker_store().add_first([(n > 0).sum(), n.sum(), acc.sum()])
+        metrics.worker_store().add_first([drafts, sum(num_draft_tokens), int(acc.sum())])
 
     def _record_host(self, out, cu_num_draft_tokens, flags, req_ids) -> None:
         """On the CPU: the step's few values summed with numpy (a torch op

@@ -211,6 +211,7 @@ class FlyRejectionSampler(RejectionSampler):
                 draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
                 vllm_q, target_logits, bonus_token_ids, sampling_metadata,
                 synthetic_mode=synthetic_mode, use_fp64_gumbel=use_fp64_gumbel, **unused)
+            # Each row holds its accepted drafts and one more token.
             self.core.count_exact((rows >= 0).sum(dim=1) - 1, num_draft_tokens, requests,
                                   self._warmup.get())
             return rows
