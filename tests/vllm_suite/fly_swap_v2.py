@@ -108,6 +108,13 @@ _STAND_IN = Expected(
     "requests without a device sync. Not a verification result; FLy's _verify "
     "against vLLM's on V2 batches is tests/test_v2_adapter.py",
     "AttributeError", "has no attribute 'np'")
+_LOGPROB_BITS = Expected(
+    "harness limit, not FLy: under rule strict FLy keeps vLLM's rows and reads no "
+    "host copy, so the test runs on to compare the logprobs vLLM's own kernel "
+    "computed with torch.log_softmax by torch.equal; in Triton's interpreter they "
+    "differ in the last bits (-1.9459 against -1.9459). vLLM's own V2 sampler, "
+    "unswapped, fails the same assertion under this harness",
+    "AssertionError", "assert False")
 _ALL_NAN_GREEDY = Expected(
     "harness limit, not FLy: Triton's interpreter (3.9) computes tl.max(..., "
     "return_indices=True) with numpy's nanargmax, which raises on an all-NaN "
@@ -118,8 +125,9 @@ _ALL_NAN_GREEDY = Expected(
 # Per rule, by test id (pytest's name in its file).
 EXPECTED_FAILURES: dict[str, dict[str, Expected]] = {rule: {
     f"{UTILS}::test_verify_rejects_unproposed_drafts": _BLOCK,
-    f"{CHUNKING}::test_replay_on_off_preserves_rejection_sampling_and_rng": _STAND_IN,
     f"{UTILS}::test_all_nan_target_logits_in_range[0.0]": _ALL_NAN_GREEDY,
+    f"{CHUNKING}::test_replay_on_off_preserves_rejection_sampling_and_rng":
+        _LOGPROB_BITS if rule == "strict" else _STAND_IN,
 } for rule in RULES}
 # Failures that loose acceptance causes by design (the driver checks that the
 # rule accepted loosely in each). None: the tests run here hold under FLy's
@@ -391,7 +399,8 @@ def _exception_type(name: str) -> type[BaseException]:
         from triton.runtime.errors import InterpreterError
 
         return InterpreterError
-    return {"ValueError": ValueError, "AttributeError": AttributeError}[name]
+    return {"ValueError": ValueError, "AttributeError": AttributeError,
+            "AssertionError": AssertionError}[name]
 
 
 def _requires_cuda(mark) -> bool:
