@@ -5,8 +5,9 @@ Usage: python -m tests.e2e_runner JOB.json OUT.json
 A job: {"model", "speculative_config" (or null), "prompts", "sampling":
 {SamplingParams kwargs} (or a list, one per prompt; sampled prompts get
 seed 1000 + their index unless they give one), "json_schema", "max_tokens" (per prompt),
-"extra_args" (per prompt), "max_num_seqs", "env" (variables set before vLLM
-is imported) (all optional)}. The result: token ids per
+"extra_args" (per prompt), "max_num_seqs", "engine" (more LLM(...) keyword
+arguments, e.g. tensor_parallel_size), "env" (variables set before vLLM is
+imported) (all optional)}. The result: token ids per
 prompt, texts, and every vllm:* counter from LLM.get_metrics().
 Each job gets its own process, as vLLM engines are not meant to be built
 many times in one process.
@@ -36,6 +37,7 @@ def main() -> None:
         max_num_seqs=job.get("max_num_seqs", 8),
         # A random model would otherwise ramble in JSON whitespace.
         structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+        **job.get("engine", {}),
     )
     params = []
     for i, _ in enumerate(job["prompts"]):

@@ -11,7 +11,7 @@ import pytest
 
 from fly_vllm.calibrate import binom_lower_bound, choose, grid_points, plot_curve
 from fly_vllm.config import load_speculative_config, parse_fly_config
-from tests.conftest import ROOT, SCRATCH, run_job, vllm_env
+from tests.conftest import ROOT, SCRATCH, run_jobs, vllm_env
 from tests.test_e2e import PROMPTS
 
 
@@ -144,8 +144,9 @@ def test_calibrated_config_meets_its_target(tiny_pair, tmp_path):
     assert "95% lower bound" in out.read_text()
     # Started from the written config, the engine meets the target on the set.
     job = {"model": t, "prompts": PROMPTS, "sampling": {"max_tokens": 24, "temperature": 0}}
-    plain = run_job({**job, "speculative_config": None}, "calib_nospec")
-    tuned = run_job({**job, "speculative_config": spec}, "calib_tuned")
+    runs = run_jobs({"calib_nospec": {**job, "speculative_config": None},
+                     "calib_tuned": {**job, "speculative_config": spec}})
+    plain, tuned = runs["calib_nospec"], runs["calib_tuned"]
     agree = sum(a == b for a, b in zip(plain["texts"], tuned["texts"])) / len(PROMPTS)
     assert agree == chosen["agreement"] >= target
 

@@ -253,3 +253,16 @@ def test_fsd_request_overrides():
         request_overrides({"fly": {"fsd_threshold": 0.9}}, 8, 3, fsd)
     with pytest.raises(FlyConfigError, match="'fsd_threshold' for a server with rule 'fly'"):
         request_overrides({"fly_fsd_threshold": 0.1}, 8)
+
+
+def test_vllm_speculative_keys_are_read_from_source_as_vllm_defines_them():
+    """check-config reads SpeculativeConfig's fields from vLLM's source (no
+    vLLM import); they are the imported dataclass's fields."""
+    import dataclasses
+
+    from fly_vllm.config.parse import _INTERNAL_VLLM_KEYS, _vllm_speculative_keys
+
+    speculative = pytest.importorskip("vllm.config.speculative")
+    fields = {f.name for f in dataclasses.fields(speculative.SpeculativeConfig)}
+    assert _vllm_speculative_keys() == fields - _INTERNAL_VLLM_KEYS
+    assert {"model", "num_speculative_tokens", "method"} <= _vllm_speculative_keys()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_job
+from tests.conftest import run_jobs
 
 pytestmark = pytest.mark.e2e
 
@@ -35,13 +35,12 @@ def job(model, speculative_config, sampling=GREEDY, **kw):
 @pytest.fixture(scope="module")
 def greedy_runs(tiny_pair):
     t, near = tiny_pair["target"], tiny_pair["near"]
-    return {
-        "nospec": run_job(job(t, None), "nospec"),
-        "native": run_job(job(t, spec(near)), "native"),
-        "strict": run_job(job(t, spec(near, fly={"strict": True})), "strict"),
-        "loose": run_job(job(t, spec(near, fly={"entropy_threshold": 0.0, "window": 2})),
-                         "loose"),
-    }
+    return run_jobs({
+        "nospec": job(t, None),
+        "native": job(t, spec(near)),
+        "strict": job(t, spec(near, fly={"strict": True})),
+        "loose": job(t, spec(near, fly={"entropy_threshold": 0.0, "window": 2})),
+    })
 
 
 def test_strict_fly_equals_plain_spec_equals_no_spec(greedy_runs):
@@ -112,24 +111,59 @@ def test_sampled_requests_are_seeded_and_loosely_accept(tiny_pair):
     # is therefore checked call for call in test_vllm_parity.py. With FLy's
     # fix, seeded sampled runs repeat exactly.
     t, near = tiny_pair["target"], tiny_pair["near"]
-    strict = [run_job(job(t, spec(near, fly={"strict": True}), SAMPLED), f"strict_s{i}")
-              for i in range(2)]
-    assert strict[0]["token_ids"] == strict[1]["token_ids"]
-    loose = run_job(job(t, spec(near, fly={"entropy_threshold": 0.0, "window": 2}),
-                        SAMPLED), "loose_sampled")
+    r = run_jobs({**{f"strict_s{i}": (job(t, spec(near, fly={"strict": True}), SAMPLED),
+                                      {"share": False}) for i in range(2)},
+                  "loose_sampled": job(t, spec(near, fly={"entropy_threshold": 0.0,
+                                                          "window": 2}), SAMPLED)})
+    assert r["strict_s0"]["token_ids"] == r["strict_s1"]["token_ids"]
+    loose = r["loose_sampled"]
     assert loose["metrics"]["vllm:fly_loose_accepted_tokens"] > 0
     assert all(len(ids) == SAMPLED["max_tokens"] for ids in loose["token_ids"])
 
 
-def test_ngram_drafter_strict_equals_no_spec(tiny_pair, greedy_runs):
-    """n-gram drafting: strict requests are the target's own text, and in the
-    same batch loose ones (entropy gate 0, window 1) accept loosely."""
-    t = tiny_pair["target"]
+GATE_PREFIX_GROUPS = [{}, {"strict_prefix_tokens": GREEDY["max_tokens"]},
+                      {"strict_prefix_tokens": 12}, {"gate": "margin", "margin": 1000.0},
+                      {"gate": "margin", "margin": 0.0}]
+
+
+@pytest.fixture(scope="module")
+def more_runs(tiny_pair, greedy_runs):
+    """The engines of the tests below, run two at a time (conftest.run_jobs)."""
+    from tests.reference import first_parting
+
+    t, near = tiny_pair["target"], tiny_pair["near"]
+    n = len(PROMPTS)
+    loose = spec(near, fly={"entropy_threshold": 0.0, "window": 2})
+    # n-gram drafting: strict requests and, in the same batch, loose ones
+    # (entropy gate 0, window 1).
     ngram = {"method": "fly", "prompt_lookup_min": 1, "prompt_lookup_max": 3,
              "num_speculative_tokens": 4, "fly": {"strict": True}}
-    loose = {"fly": {"strict": False, "entropy_threshold": 0.0, "window": 1}}
-    r = run_job(job(t, ngram, prompts=PROMPTS * 2,
-                    extra_args=[{}] * len(PROMPTS) + [loose] * len(PROMPTS)), "ngram_strict")
+    ngram_loose = {"fly": {"strict": False, "entropy_threshold": 0.0, "window": 1}}
+    # Per prompt, a prefix that ends exactly where the loose server's output
+    # first parts from the target's: that loose accept must still happen.
+    parts = [first_parting(a, b) for a, b in zip(greedy_runs["loose"]["token_ids"],
+                                                  greedy_runs["nospec"]["token_ids"])]
+    gate_prefix = [{"fly": g} for g in GATE_PREFIX_GROUPS for _ in PROMPTS]
+    gate_prefix += [{"fly": {"strict_prefix_tokens": p}} for p in parts]
+    return run_jobs({
+        "gate_prefix": {"model": t, "prompts": PROMPTS * (len(GATE_PREFIX_GROUPS) + 1),
+                        "sampling": GREEDY, "extra_args": gate_prefix,
+                        "max_num_seqs": n * (len(GATE_PREFIX_GROUPS) + 1),
+                        "speculative_config": loose},
+        "json_schema": job(t, loose, {"max_tokens": 120, "temperature": 0.0},
+                           json_schema=SCHEMA),
+        "ngram_strict": job(t, ngram, prompts=PROMPTS * 2,
+                            extra_args=[{}] * n + [ngram_loose] * n),
+        "per_request": {"model": t, "prompts": PROMPTS * 2, "sampling": GREEDY,
+                        "extra_args": [{"fly": {"strict": True}}] * n + [{}] * n,
+                        "speculative_config": loose},
+    })
+
+
+def test_ngram_drafter_strict_equals_no_spec(more_runs, greedy_runs):
+    """n-gram drafting: strict requests are the target's own text, and in the
+    same batch loose ones (entropy gate 0, window 1) accept loosely."""
+    r = more_runs["ngram_strict"]
     n = len(PROMPTS)
     assert r["token_ids"][:n] == greedy_runs["nospec"]["token_ids"]
     assert r["metrics"]["vllm:fly_draft_tokens"] > 0
@@ -148,11 +182,8 @@ SCHEMA = {
 }
 
 
-def test_json_schema_request_still_returns_valid_json(tiny_pair):
-    t, near = tiny_pair["target"], tiny_pair["near"]
-    r = run_job(job(t, spec(near, fly={"entropy_threshold": 0.0, "window": 2}),
-                    {"max_tokens": 120, "temperature": 0.0}, json_schema=SCHEMA),
-                "json_schema")
+def test_json_schema_request_still_returns_valid_json(more_runs):
+    r = more_runs["json_schema"]
     for text in r["texts"]:
         # strict=False: xgrammar lets raw control characters into JSON strings
         # (plain decoding without speculation does the same here).
@@ -164,14 +195,8 @@ def test_json_schema_request_still_returns_valid_json(tiny_pair):
     assert r["metrics"]["vllm:fly_draft_tokens"] > 0
 
 
-def test_strict_and_loose_requests_in_one_batch(tiny_pair, greedy_runs):
-    t, near = tiny_pair["target"], tiny_pair["near"]
-    prompts = PROMPTS + PROMPTS
-    extra = [{"fly": {"strict": True}}] * len(PROMPTS) + [{}] * len(PROMPTS)
-    r = run_job({"model": t, "prompts": prompts, "sampling": GREEDY, "extra_args": extra,
-                 "speculative_config": spec(near, fly={"entropy_threshold": 0.0,
-                                                       "window": 2})},
-                "per_request")
+def test_strict_and_loose_requests_in_one_batch(more_runs, greedy_runs):
+    r = more_runs["per_request"]
     strict, loose = r["token_ids"][:len(PROMPTS)], r["token_ids"][len(PROMPTS):]
     assert strict == greedy_runs["nospec"]["token_ids"]
     assert loose != greedy_runs["nospec"]["token_ids"]
@@ -189,23 +214,23 @@ def test_guards_veto_where_they_should(tiny_pair):
     # Digit guard: vetoes happen on these number-heavy prompts, and no emitted
     # token differs from the target's choice in its digits... checked through
     # the counters: vetoed candidates are never accepted.
-    r = run_job(job(t, spec(near, fly={**loose, "guard_digits": True})), "guard_digits")
-    m = r["metrics"]
+    runs = run_jobs({
+        "guard_digits": job(t, spec(near, fly={**loose, "guard_digits": True})),
+        "guard_structured": job(t, spec(near, fly={**loose, "guard_structured": True}),
+                                {"max_tokens": 120, "temperature": 0.0}, json_schema=SCHEMA)})
+    m = runs["guard_digits"]["metrics"]
     assert m["vllm:fly_digit_guard_vetoes"] > 0
     assert m["vllm:fly_structured_guard_vetoes"] == 0
     assert m["vllm:fly_eos_stop_guard_vetoes"] == 0
     # Structured guard: a JSON-schema request is verified exactly.
-    r = run_job(job(t, spec(near, fly={**loose, "guard_structured": True}),
-                    {"max_tokens": 120, "temperature": 0.0}, json_schema=SCHEMA),
-                "guard_structured")
-    m = r["metrics"]
+    m = runs["guard_structured"]["metrics"]
     assert m["vllm:fly_loose_accepted_tokens"] == 0
     assert m["vllm:fly_structured_guard_vetoes"] > 0
     # Guards off: the same requests do get loose accepts (the guard is what
     # stopped them), as test_json_schema_request_still_returns_valid_json shows.
 
 
-def test_margin_gate_and_strict_prefix_per_request(tiny_pair, greedy_runs):
+def test_margin_gate_and_strict_prefix_per_request(more_runs, greedy_runs):
     """One batch, per-request settings on a loose server (entropy 0, W 2):
     a strict prefix at least as long as the output gives the strict output;
     a shorter one keeps the target's first tokens and is loose after them;
@@ -213,24 +238,11 @@ def test_margin_gate_and_strict_prefix_per_request(tiny_pair, greedy_runs):
     and one that none passes (margin 0: only exact ties) is exact."""
     from tests.reference import first_parting
 
-    t, near = tiny_pair["target"], tiny_pair["near"]
     n = len(PROMPTS)
-    groups = [{}, {"strict_prefix_tokens": GREEDY["max_tokens"]},
-              {"strict_prefix_tokens": 12}, {"gate": "margin", "margin": 1000.0},
-              {"gate": "margin", "margin": 0.0}]
-    # Per prompt, a prefix that ends exactly where the loose server's output
-    # first parts from the target's: that loose accept must still happen.
+    groups = [*GATE_PREFIX_GROUPS, "at the parting"]
     parts = [first_parting(a, b) for a, b in zip(greedy_runs["loose"]["token_ids"],
                                                   greedy_runs["nospec"]["token_ids"])]
-    extra = [{"fly": g} for g in groups for _ in PROMPTS]
-    extra += [{"fly": {"strict_prefix_tokens": p}} for p in parts]
-    groups.append("at the parting")
-    r = run_job({"model": t, "prompts": PROMPTS * len(groups), "sampling": GREEDY,
-                 "extra_args": extra,
-                 "max_num_seqs": n * len(groups),
-                 "speculative_config": spec(near, fly={"entropy_threshold": 0.0,
-                                                       "window": 2})},
-                "gate_prefix")
+    r = more_runs["gate_prefix"]
     out = [r["token_ids"][i * n:(i + 1) * n] for i in range(len(groups))]
     loose = [sum(x["loose_accepted_tokens"] for x in r["fly_stats"][i * n:(i + 1) * n])
              for i in range(len(groups))]

@@ -94,7 +94,7 @@ def test_flex_config_translation_and_errors():
 
 @pytest.fixture(scope="module")
 def flex_runs(tiny_pair):
-    from tests.conftest import run_job
+    from tests.conftest import run_jobs
     from tests.test_e2e import job, spec
 
     t, near = tiny_pair["target"], tiny_pair["near"]
@@ -103,25 +103,22 @@ def flex_runs(tiny_pair):
     def fly(**kw):
         return spec(near, fly={"flex": True, **kw})
 
-    return {
-        "nospec": run_job(job(t, None), "flex_nospec"),
-        "strict": run_job(job(t, fly(strict=True, flex_confidence=0.3,
-                                     flex_batch_schedule=None)), "flex_strict"),
-        "plain": run_job(job(t, spec(near, fly={"strict": True})), "flex_plain"),
-        "batched": run_job(job(t, fly(flex_confidence=0, flex_batch_schedule=only_alone)),
-                           "flex_batched"),
-        "alone": run_job(job(t, fly(flex_confidence=0, flex_batch_schedule=only_alone),
-                             max_num_seqs=1), "flex_alone"),
+    runs = run_jobs({
+        "flex_nospec": job(t, None),
+        "flex_strict": job(t, fly(strict=True, flex_confidence=0.3, flex_batch_schedule=None)),
+        "flex_plain": job(t, spec(near, fly={"strict": True})),
+        "flex_batched": job(t, fly(flex_confidence=0, flex_batch_schedule=only_alone)),
+        "flex_alone": job(t, fly(flex_confidence=0, flex_batch_schedule=only_alone),
+                          max_num_seqs=1),
         # Requests of different lengths: four at once (K = 0) until one is
         # left, which then drafts; its drafter KV for the positions decoded
         # without drafts is caught up ("skip") or kept current ("run").
-        **{f"resume_{idle}": run_job(
-            job(t, fly(flex_confidence=0, flex_batch_schedule=only_alone,
-                       flex_idle_drafter=idle), max_tokens=[12, 20, 28, 40]),
-            f"flex_resume_{idle}") for idle in ("skip", "run")},
-        "resume_nospec": run_job(job(t, None, max_tokens=[12, 20, 28, 40]),
-                                 "flex_resume_nospec"),
-    }
+        **{f"flex_resume_{idle}": job(
+            t, fly(flex_confidence=0, flex_batch_schedule=only_alone, flex_idle_drafter=idle),
+            max_tokens=[12, 20, 28, 40]) for idle in ("skip", "run")},
+        "flex_resume_nospec": job(t, None, max_tokens=[12, 20, 28, 40]),
+    })
+    return {name.removeprefix("flex_"): r for name, r in runs.items()}
 
 
 @pytest.mark.e2e

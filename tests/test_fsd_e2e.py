@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import run_job
+from tests.conftest import run_jobs
 from tests.test_e2e import GREEDY, PROMPTS, SAMPLED, job, spec
 
 pytestmark = pytest.mark.e2e
@@ -17,18 +17,17 @@ LOOSE = {"rule": "fsd", "fsd_divergence": "js", "fsd_threshold": 0.05}
 @pytest.fixture(scope="module")
 def fsd_runs(tiny_pair):
     t, near = tiny_pair["target"], tiny_pair["near"]
-    return {
-        "nospec": run_job(job(t, None), "fsd_nospec"),
-        "strict": run_job(job(t, spec(near, fly={"rule": "fsd", "strict": True})),
-                          "fsd_strict"),
-        "loose": run_job(job(t, spec(near, fly=LOOSE)), "fsd_loose"),
-        "mixed": run_job({"model": t, "prompts": PROMPTS + PROMPTS, "sampling": GREEDY,
-                          "extra_args": [{"fly": {"strict": True}}] * len(PROMPTS)
-                          + [{"fly_fsd_threshold": "0.05"}] * len(PROMPTS),
-                          "speculative_config": spec(near, fly={"rule": "fsd",
-                                                                "fsd_threshold": 0.0})},
-                         "fsd_mixed"),
-    }
+    runs = run_jobs({
+        "fsd_nospec": job(t, None),
+        "fsd_strict": job(t, spec(near, fly={"rule": "fsd", "strict": True})),
+        "fsd_loose": job(t, spec(near, fly=LOOSE)),
+        "fsd_mixed": {"model": t, "prompts": PROMPTS + PROMPTS, "sampling": GREEDY,
+                      "extra_args": [{"fly": {"strict": True}}] * len(PROMPTS)
+                      + [{"fly_fsd_threshold": "0.05"}] * len(PROMPTS),
+                      "speculative_config": spec(near, fly={"rule": "fsd",
+                                                            "fsd_threshold": 0.0})},
+    })
+    return {name.removeprefix("fsd_"): r for name, r in runs.items()}
 
 
 def test_strict_fsd_equals_no_speculation(fsd_runs):
@@ -69,7 +68,8 @@ def test_per_request_strict_and_threshold_under_fsd(fsd_runs):
 def test_sampled_requests_under_fsd(tiny_pair, variant):
     t, near = tiny_pair["target"], tiny_pair["near"]
     cfg = spec(near, fly={**LOOSE, "fsd_variant": variant})
-    runs = [run_job(job(t, cfg, SAMPLED), f"fsd_sampled_{variant}_{i}") for i in range(2)]
+    runs = list(run_jobs({f"fsd_sampled_{variant}_{i}": (job(t, cfg, SAMPLED), {"share": False})
+                          for i in range(2)}).values())
     assert runs[0]["token_ids"] == runs[1]["token_ids"]  # seeded: repeatable
     assert all(len(ids) == SAMPLED["max_tokens"] for ids in runs[0]["token_ids"])
     assert runs[0]["metrics"]["vllm:fly_loose_accepted_tokens"] > 0

@@ -123,30 +123,30 @@ REPEATS = [
 
 @pytest.fixture(scope="module")
 def ml_runs(tiny_pair):
-    from tests.conftest import run_job
+    from tests.conftest import run_jobs
     from tests.test_e2e import GREEDY, spec
 
     t, near = tiny_pair["target"], tiny_pair["near"]
     loose = {"entropy_threshold": 0.0, "window": 2}
 
-    def go(fly, name, **kw):
-        return run_job({"model": t, "prompts": REPEATS, "sampling": GREEDY,
-                        "speculative_config": spec(near, fly=fly, k=K), **kw}, name)
+    def go(fly, **kw):
+        return {"model": t, "prompts": REPEATS, "sampling": GREEDY,
+                "speculative_config": spec(near, fly=fly, k=K), **kw}
 
-    return {
-        "nospec": run_job({"model": t, "prompts": REPEATS, "sampling": GREEDY,
-                           "speculative_config": None}, "ml_nospec"),
-        "plain": go(loose, "ml_plain"),
-        "multilevel": go({**loose, "multilevel": True}, "ml_multilevel"),
+    runs = run_jobs({
+        "ml_nospec": {"model": t, "prompts": REPEATS, "sampling": GREEDY,
+                      "speculative_config": None},
+        "ml_plain": go(loose),
+        "ml_multilevel": go({**loose, "multilevel": True}),
         # One request at a time: a pass serves the whole batch, so passes
         # are saved only where every request's lookup hits; alone, each hit
         # shows.
-        "plain_1": go(loose, "ml_plain_1", max_num_seqs=1),
-        "multilevel_1": go({**loose, "multilevel": True}, "ml_multilevel_1",
-                           max_num_seqs=1),
-        "strict": go({"strict": True, "multilevel": True, "multilevel_ngram_max": 3,
-                      "multilevel_ngram_tokens": 4}, "ml_strict"),
-    }
+        "ml_plain_1": go(loose, max_num_seqs=1),
+        "ml_multilevel_1": go({**loose, "multilevel": True}, max_num_seqs=1),
+        "ml_strict": go({"strict": True, "multilevel": True, "multilevel_ngram_max": 3,
+                         "multilevel_ngram_tokens": 4}),
+    })
+    return {name.removeprefix("ml_"): r for name, r in runs.items()}
 
 
 VERIFY = ("vllm:fly_drafts", "vllm:fly_draft_tokens", "vllm:fly_native_accepted_tokens",

@@ -134,14 +134,19 @@ def test_bad_fly_json_exits_nonzero_with_clear_message(tiny_pair, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"method": "fly", "model": tiny_pair["near"],
                                "num_speculative_tokens": 4, "fly": {"window": 4}}))
-    r = subprocess.run(serve_cmd(tiny_pair["target"], str(bad), free_port()), cwd=ROOT,
-                       env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="1"),
-                       capture_output=True, text=True, timeout=300)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def serve(spec: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(serve_cmd(tiny_pair["target"], spec, free_port()), cwd=ROOT,
+                              env=vllm_env(**env), capture_output=True, text=True,
+                              timeout=300)
+
+    with ThreadPoolExecutor(2) as ex:  # both refused before any engine: run at once
+        bad_run = ex.submit(serve, str(bad), VLLM_ENABLE_V1_MULTIPROCESSING="1")
+        missing_run = ex.submit(serve, str(tmp_path / "nope.json"))
+        r, missing = bad_run.result(), missing_run.result()
     assert r.returncode != 0
     assert "fly.window must be smaller than num_speculative_tokens" in r.stderr
     assert "Traceback" not in r.stderr
-    missing = subprocess.run(
-        serve_cmd(tiny_pair["target"], str(tmp_path / "nope.json"), free_port()),
-        cwd=ROOT, env=vllm_env(), capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr

@@ -222,14 +222,15 @@ def test_an_engine_with_a_wrong_verifier_verifies_with_torch(tiny_pair):
     """The engine builds FlyRejectionSampler with a verifier that gets one
     token wrong: the start-up check drops it with one warning, the log line
     and the metrics say torch, and the outputs are the torch path's."""
-    from tests.conftest import SCRATCH, run_job
+    from tests.conftest import SCRATCH, run_jobs
     from tests.test_e2e import GREEDY, PROMPTS, job, spec
 
     cfg = spec(tiny_pair["near"], fly={"entropy_threshold": 0.0, "window": 2})
-    plain = run_job(job(tiny_pair["target"], cfg), "verify_path_torch")
-    faulty = run_job({**job(tiny_pair["target"], cfg, GREEDY),
-                      "env": {ENV: "tests.faulty_verifiers:wrong_result"}},
-                     "verify_path_wrong_result")
+    runs = run_jobs({"verify_path_torch": job(tiny_pair["target"], cfg),
+                     "verify_path_wrong_result": {
+                         **job(tiny_pair["target"], cfg, GREEDY),
+                         "env": {ENV: "tests.faulty_verifiers:wrong_result"}}})
+    plain, faulty = runs["verify_path_torch"], runs["verify_path_wrong_result"]
     assert faulty["token_ids"] == plain["token_ids"]
     assert len(faulty["token_ids"]) == len(PROMPTS)
     m = faulty["metrics"]

@@ -3,9 +3,11 @@ FLy config into vLLM's speculative config plus the validated ``FlyConfig``."""
 
 from __future__ import annotations
 
-import dataclasses
+import ast
+import importlib.util
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from fly_vllm.config.checks import _check_number, _check_threshold
@@ -84,12 +86,30 @@ def is_fly(spec: dict[str, Any] | None) -> bool:
 
 
 def _vllm_speculative_keys() -> set[str] | None:
-    """Field names of the installed vLLM's SpeculativeConfig, or None."""
+    """Field names of the installed vLLM's SpeculativeConfig, or None.
+
+    Read from its source, not imported: importing vllm.config takes
+    seconds (20 on a small CPU machine), and a config check should not. The
+    fields of a dataclass are its class body's annotated names, ClassVars
+    aside (tests/test_config.py checks this equals the imported dataclass's
+    fields)."""
     try:
-        from vllm.config.speculative import SpeculativeConfig
-    except Exception:  # vLLM absent: vLLM itself will check its keys.
+        found = importlib.util.find_spec("vllm")  # finds, does not import
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        return None  # vLLM absent: vLLM itself will check its keys
+    path = Path(next(iter(found.submodule_search_locations))) / "config" / "speculative.py"
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError):
         return None
-    return {f.name for f in dataclasses.fields(SpeculativeConfig)} - _INTERNAL_VLLM_KEYS
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "SpeculativeConfig":
+            return {n.target.id for n in node.body
+                    if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+                    and "ClassVar" not in ast.unparse(n.annotation)} - _INTERNAL_VLLM_KEYS
+    return None
 
 
 def _infer_drafter(spec: dict[str, Any]) -> str | None:
