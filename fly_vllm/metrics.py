@@ -137,9 +137,14 @@ def metrics_dir() -> Path:
 
 
 class CounterStore:
-    """This process's counters: an int64 array backed by a mmap'd file."""
+    """This process's counters: an int64 array backed by a mmap'd file, or
+    private to the process (``directory`` None: a rank that does not
+    record, see set_recording)."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path | None):
+        if directory is None:
+            self.values = np.zeros(NUM_SLOTS, dtype=np.int64)
+            return
         path = directory / f"worker-{os.getpid()}.bin"
         self._map = np.lib.format.open_memmap(
             path, mode="w+", dtype=np.int64, shape=(NUM_SLOTS,)
@@ -161,11 +166,28 @@ class CounterStore:
         self.values[: len(increments)] += np.asarray(increments, dtype=np.int64)
 
 
+_recording = True
+
+
+def set_recording(on: bool) -> None:
+    """Whether this process's counts are the engine's (fly_vllm.parallel:
+    with tensor parallelism one rank records). A process that does not
+    record keeps its stores private, so the front end never sums them."""
+    global _recording, _store, _requests
+    with _lock:
+        if on != _recording:
+            _recording, _store, _requests = on, None, None
+
+
+def recording() -> bool:
+    return _recording
+
+
 def worker_store() -> CounterStore:
     global _store
     with _lock:
         if _store is None:
-            _store = CounterStore(metrics_dir())
+            _store = CounterStore(metrics_dir() if _recording else None)
         return _store
 
 
@@ -271,11 +293,14 @@ class RequestTable:
     """This worker's per-request counters: REQUEST_SLOTS rows reused round
     robin, so the oldest request's row is overwritten after that many."""
 
-    def __init__(self, directory: Path):
-        self._map = np.lib.format.open_memmap(
-            directory / f"requests-{os.getpid()}.bin", mode="w+", dtype=_REQUEST_DTYPE,
-            shape=(REQUEST_SLOTS,))
-        self.rows = self._map.view(np.ndarray)  # as CounterStore.values
+    def __init__(self, directory: Path | None):
+        if directory is None:  # private, as CounterStore's
+            self.rows = np.zeros(REQUEST_SLOTS, dtype=_REQUEST_DTYPE)
+        else:
+            self._map = np.lib.format.open_memmap(
+                directory / f"requests-{os.getpid()}.bin", mode="w+", dtype=_REQUEST_DTYPE,
+                shape=(REQUEST_SLOTS,))
+            self.rows = self._map.view(np.ndarray)  # as CounterStore.values
         self._counts = self.rows["c"]  # [REQUEST_SLOTS, 4], a view
         self.slot: dict[str, int] = {}
         self.next = 0
@@ -303,7 +328,7 @@ def request_table() -> RequestTable:
     global _requests
     with _lock:
         if _requests is None:
-            _requests = RequestTable(metrics_dir())
+            _requests = RequestTable(metrics_dir() if _recording else None)
         return _requests
 
 

@@ -181,6 +181,16 @@ def _patch_engine_args() -> None:
             _SERVED.update(fly=fly, k=k)
             if fly is not None:
                 _refuse_if_v2_required(fly)
+            if fly is not None and fly.flex and (getattr(self, "data_parallel_size", 1)
+                                                 or 1) > 1:
+                # vLLM runs data-parallel ranks' forward passes in lockstep
+                # where they share experts (MoE): a rank that skips its
+                # drafter's pass while another runs it would hang them.
+                raise FlyConfigError(
+                    "fly.flex skips the drafter's forward pass in steps it gives K = 0, "
+                    "and data-parallel ranks run their passes together (MoE models), so "
+                    f"one rank skipping would stall the others; with data_parallel_size "
+                    f"{self.data_parallel_size}, remove fly.flex")
             if fly is not None and fly.flex and fly.flex_confidence > 0:
                 # Truncated drafts reach the scheduler as lists, which async
                 # scheduling skips (it keeps the drafts on the device).
@@ -192,6 +202,8 @@ def _patch_engine_args() -> None:
                 if hasattr(self, "async_scheduling"):
                     self.async_scheduling = False
             result = original(self, *args, **kwargs)
+            if fly is not None and fly.rule == "fsd":
+                _refuse_fsd_without_full_q(fly, result)
             method = getattr(result, "method", None)
             if fly is not None and fly.multilevel and method != "draft_model":
                 raise FlyConfigError(
@@ -222,6 +234,24 @@ def _patch_engine_args() -> None:
         return staticmethod(add_cli_args)
 
     _wrap(EngineArgs, "add_cli_args", make_add_cli_args)
+
+
+def _refuse_fsd_without_full_q(fly: FlyConfig, spec: Any) -> None:
+    """An EAGLE-3 head with its own smaller vocabulary (a draft-to-target
+    map) gives q = 0 outside it, where the target's p is positive: KL(p || q)
+    is then infinite at every draft, and FSD would verify exactly without a
+    word. JS, TV and KL(q || p) stay finite and are served."""
+    hf = getattr(getattr(spec, "draft_model_config", None), "hf_config", None)
+    draft_vocab = getattr(hf, "draft_vocab_size", None)
+    target = getattr(spec, "target_model_config", None)
+    vocab = target.get_vocab_size() if target is not None else None
+    if (fly.fsd_divergence == "kl_target_draft" and draft_vocab and vocab
+            and draft_vocab != vocab):
+        raise FlyConfigError(
+            f"fly.fsd_divergence 'kl_target_draft' is KL(p || q), infinite wherever the "
+            f"drafter gives a token no probability, and this drafter's vocabulary has "
+            f"{draft_vocab} of the target's {vocab} tokens (a draft-to-target map): FSD "
+            "would never accept loosely; use 'js', 'tv' or 'kl_draft_target'")
 
 
 def _refuse_if_v2_required(fly: FlyConfig) -> None:
@@ -330,17 +360,20 @@ def _patch_model_runner_module(mod) -> None:
             original(self, vllm_config, *args, **kwargs)
             fly = fly_config_of(vllm_config)
             if fly is not None and hasattr(self, "rejection_sampler"):
+                from fly_vllm import metrics, parallel
                 from fly_vllm.core import VerificationCore
                 from fly_vllm.runners.v1 import FlyRejectionSampler
 
                 k = self.speculative_config.num_speculative_tokens
+                metrics.set_recording(parallel.records_here())
                 core = VerificationCore.for_model(fly, k, self.device, self.model_config)
                 self.rejection_sampler = FlyRejectionSampler(
                     self.sampler, self.speculative_config, self.device, core, _ACTIVE,
                     _WARMUP, runner=self,
                 )
-                logger.info("fly-vllm: FLy verification active: runner=V1, path=%s; %s",
-                            core.describe(), fly)
+                if metrics.recording():  # once per engine (fly_vllm.parallel)
+                    logger.info("fly-vllm: FLy verification active: runner=V1, path=%s; %s",
+                                core.describe(), fly)
             if fly is not None and getattr(self, "drafter", None) is not None:
                 self.drafter._fly_runner = weakref.ref(self)  # multilevel.py
 
@@ -472,6 +505,7 @@ def _install_v2(runner, fly: FlyConfig) -> None:
     proposals are counted (drafter_calls, drafter_passes)."""
     from vllm.v1.worker.gpu.spec_decode.rejection_sampler import RejectionSampler
 
+    from fly_vllm import metrics, parallel
     from fly_vllm.core import VerificationCore
     from fly_vllm.runners.v2 import FlyV2RejectionSampler
 
@@ -482,6 +516,10 @@ def _install_v2(runner, fly: FlyConfig) -> None:
             f"this model brings its own ({type(current).__name__}); set "
             "VLLM_USE_V2_MODEL_RUNNER=0 to verify on V1")
     k = runner.speculative_config.num_speculative_tokens
+    # Batch-sharded sampling: each TP rank verifies its own requests and
+    # records them (fly_vllm.parallel).
+    metrics.set_recording(parallel.records_here(
+        batch_sharded=getattr(runner, "batch_sharder", None) is not None))
     core = VerificationCore.for_model(fly, k, runner.device, runner.model_config)
     if core.wants_hidden and getattr(runner, "batch_sharder", None) is not None:
         raise FlyConfigError(
@@ -491,8 +529,9 @@ def _install_v2(runner, fly: FlyConfig) -> None:
     runner.rejection_sampler = FlyV2RejectionSampler(
         runner.sampler, runner.speculative_config, runner.device, core, _WARMUP,
         runner=runner, watermark_key=current.watermark_key)
-    logger.info("fly-vllm: FLy verification active: runner=V2, path=%s; %s",
-                core.describe(), fly)
+    if metrics.recording():  # once per engine (fly_vllm.parallel)
+        logger.info("fly-vllm: FLy verification active: runner=V2, path=%s; %s",
+                    core.describe(), fly)
     speculator = getattr(runner, "speculator", None)
     if fly.rule == "fsd":
         runner.rejection_sampler.fsd_draft_logits = _capture_v2_draft_logits(

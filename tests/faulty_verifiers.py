@@ -63,3 +63,13 @@ def wrong_result(*args, **kwargs):
         "target_probs"))).shape[-1]
     rows.view(-1)[first] = (rows.view(-1)[first] + 1) % vocab
     return out
+
+
+def wrong_on_tp_rank_1(*args, **kwargs):
+    """The reference on tensor-parallel rank 0, wrong_result on rank 1: a
+    candidate that only one rank's check can catch."""
+    from vllm.distributed import parallel_state as ps
+
+    if ps.model_parallel_is_initialized() and ps.get_tp_group().rank_in_group == 1:
+        return wrong_result(*args, **kwargs)
+    return reference(*args, **kwargs)

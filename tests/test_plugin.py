@@ -51,7 +51,24 @@ def test_register_is_idempotent_and_patches_once():
     assert r.stdout.strip().endswith("ok")
 
 
-def test_llm_path_rejects_a_bad_config_before_the_engine(tiny_pair):
+def test_llm_path_rejects_a_bad_config_before_the_engine(tiny_pair, tmp_path):
+    import json
+    import os
+    from pathlib import Path
+
+    from fly_vllm.tinyheads import build_tiny_eagle3
+    from tests.conftest import SCRATCH
+
+    # An EAGLE-3 head with a smaller vocabulary of its own (a draft-to-target
+    # map): only its config is read before the engine.
+    head = Path(build_tiny_eagle3(SCRATCH / "eagle3", tiny_pair["target"]))
+    mapped = tmp_path / "eagle3-mapped"
+    mapped.mkdir()
+    for f in os.listdir(head):
+        if f != "config.json":
+            os.symlink(head / f, mapped / f)
+    cfg = json.loads((head / "config.json").read_text())
+    (mapped / "config.json").write_text(json.dumps({**cfg, "draft_vocab_size": 64}))
     r = run_python(f"""
         from vllm import LLM
         from fly_vllm.config import FlyConfigError
@@ -61,8 +78,31 @@ def test_llm_path_rejects_a_bad_config_before_the_engine(tiny_pair):
                 "num_speculative_tokens": 4, "fly": {{"entropy_threshold": -1}}}})
         except FlyConfigError as e:
             print("FlyConfigError:", e)
+        # Flex skips the drafter's pass on some steps; data-parallel ranks
+        # run theirs together. (LLM() itself refuses data parallelism, so
+        # the engine's config as a data-parallel server builds it.)
+        from vllm.engine.arg_utils import EngineArgs
+        try:
+            EngineArgs(model={tiny_pair['target']!r}, data_parallel_size=2,
+                       speculative_config={{
+                "method": "fly", "model": {tiny_pair['near']!r},
+                "num_speculative_tokens": 4, "fly": {{"flex": True}}}}).create_engine_config()
+        except FlyConfigError as e:
+            print("FlyConfigError:", e)
+        # FSD's KL(p || q) against a drafter that covers part of the vocabulary.
+        try:
+            LLM(model={tiny_pair['target']!r}, speculative_config={{
+                "method": "fly", "model": {str(mapped)!r}, "num_speculative_tokens": 4,
+                "fly": {{"drafter": "eagle3", "rule": "fsd", "fsd_threshold": 0.5,
+                        "fsd_divergence": "kl_target_draft"}}}})
+        except FlyConfigError as e:
+            print("FlyConfigError:", e)
     """)
     assert "FlyConfigError: fly.entropy_threshold must be >= 0" in r.stdout, r.stderr[-3000:]
+    assert ("FlyConfigError: fly.fsd_divergence 'kl_target_draft' is KL(p || q)" in r.stdout
+            and "has 64 of the target's" in r.stdout), r.stderr[-3000:]
+    assert ("FlyConfigError: fly.flex skips the drafter's forward pass" in r.stdout
+            and "data_parallel_size 2, remove fly.flex" in r.stdout), r.stderr[-3000:]
     assert "Loading weights" not in r.stderr  # it stopped before any engine
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fly_vllm import metrics
 from fly_vllm.judge.features import components
 
 ENV = "FLY_VLLM_JUDGE_RECORD"
@@ -57,8 +58,8 @@ class Recorder:
         rows: torch.Tensor | None,  # [T]
     ) -> int:
         """Write this step's first mismatches; returns how many."""
-        if hidden is None or rows is None or not self.active():
-            return 0
+        if hidden is None or rows is None or not self.active() or not metrics.recording():
+            return 0  # (another tensor-parallel rank records the same rows)
         cu = [0] + cu_num_draft_tokens.tolist()
         nat = native.tolist()
         sel, meta = [], []

@@ -10,6 +10,8 @@ The first step with drafts runs both and compares them; where the kernel
 fails to load, compile or launch, or disagrees, ONE warning says so and the
 torch path scores from then on (``path`` says which runs), and the fallback
 counts in ``vllm:fly_verifier_fallbacks_total`` as the verifier's does.
+With tensor parallelism the check's outcome is agreed over the ranks, and a
+later failure stops the engine, as for the verifier (verify_path rule 6).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 
 import torch
 
+from fly_vllm import parallel
 from fly_vllm.judge.features import HIDDEN, assemble, components
 from fly_vllm.judge.head import JudgeHead
 
@@ -107,6 +110,11 @@ class JudgeScore:
             try:
                 return self._logit_triton(*args)
             except _pre_launch_errors() as e:  # as the verifier: nothing else is caught
+                if parallel.tp_group() is not None:  # not on this rank alone
+                    raise RuntimeError(
+                        f"fly-vllm: the judge's Triton score failed at a later step "
+                        f"({error_text(e)}); with tensor parallelism one rank cannot fall "
+                        "back alone; set FLY_VLLM_VERIFIER=torch") from e
                 self._fall_back(f"{error_text(e)} (at a later step)")
                 return self._logit_torch(*args)
         x = self._features(*args)
@@ -121,6 +129,10 @@ class JudgeScore:
         except Exception as e:  # load, compile or launch
             why = f"could not run it: {error_text(e)}"
         self._checked = True
+        # Every tensor-parallel rank scores the same step here and must take
+        # the same path (fly_vllm.parallel).
+        if parallel.any_rank(why is not None) and why is None:
+            why = "another tensor-parallel rank's check failed"
         if why is not None:
             self._fall_back(why)
         return ref
