@@ -20,16 +20,32 @@ SERVER_ARGS = ("--enforce-eager", "--dtype", "float32", "--max-model-len", "1024
 
 
 @pytest.fixture(scope="module")
-def server(tiny_pair):
+def servers(tiny_pair):
+    """A FLy server and a plain one (no speculation), started at once, each
+    engine on a core of its own."""
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import ExitStack
+
     d = SCRATCH / "robustness"
     d.mkdir(parents=True, exist_ok=True)
     spec = json.dumps({"method": "fly", "model": tiny_pair["near"],
                        "num_speculative_tokens": 4,
                        "fly": {"entropy_threshold": 0.0, "window": 2}})
-    env = vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    with launched(tiny_pair["target"], spec, d / "server.log", *SERVER_ARGS,
-                  env=env) as srv:
-        yield srv
+
+    def env(core: str) -> dict[str, str]:
+        return vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_OMP_THREADS_BIND=core)
+
+    with ExitStack() as stack, ThreadPoolExecutor(2) as ex:
+        fly = ex.submit(stack.enter_context, launched(
+            tiny_pair["target"], spec, d / "server.log", *SERVER_ARGS, env=env("0")))
+        plain = ex.submit(stack.enter_context, launched(
+            tiny_pair["target"], None, d / "plain.log", *SERVER_ARGS, env=env("1")))
+        yield {"fly": fly.result(), "plain": plain.result()}
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers["fly"]
 
 
 # -------------------------------------------------------------- no server
@@ -204,15 +220,14 @@ def test_robustness_script_writes_its_report(server, tmp_path):
 
 
 @pytest.mark.server
-def test_a_server_without_fly_gets_the_checks_that_apply(tiny_pair):
+def test_a_server_without_fly_gets_the_checks_that_apply(servers):
     """Against a plain server (no speculation) the FLy-only checks are
     skipped, per-request FLy settings are refused cleanly, and the rest pass."""
-    with launched(tiny_pair["target"], None, SCRATCH / "robustness" / "plain.log",
-                  *SERVER_ARGS, env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="1")) as srv:
-        assert not rb.serves_fly(srv.base, srv.model)
-        said = []
-        checks = rb.run_all(srv.base, srv.model, progress=said.append,
-                            only=("max_tokens_one", "stop_in_loose_span", "bad_input"))
+    srv = servers["plain"]
+    assert not rb.serves_fly(srv.base, srv.model)
+    said = []
+    checks = rb.run_all(srv.base, srv.model, progress=said.append,
+                        only=("max_tokens_one", "stop_in_loose_span", "bad_input"))
     assert [c.name for c in checks] == ["max_tokens 1", "bad input"]
     assert any("skipping stop_in_loose_span" in s for s in said)
     assert all(c.ok for c in checks), [c.failures for c in checks]
