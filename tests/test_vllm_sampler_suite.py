@@ -13,15 +13,14 @@ loose acceptance did accept loosely."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.conftest import ROOT, SCRATCH, vllm_env
 from tests.vllm_suite import fetch as suite_fetch
+from tests.vllm_suite.fly_suite_common import counts, fetched_or_skip, run_rules
 from tests.vllm_suite.fly_swap import EXPECTED_FAILURES, LOOSE, RULES
 
 DEST = ROOT / ".vllm032"
@@ -50,25 +49,8 @@ def run_rule(rule: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, dict]:
-    vllm = pytest.importorskip("vllm")
-    if not vllm.__version__.startswith(suite_fetch.VERSION):
-        pytest.skip(f"these are vLLM {suite_fetch.VERSION}'s tests; vLLM "
-                    f"{vllm.__version__} is installed")
-    try:
-        suite_fetch.fetch(DEST)
-    except (suite_fetch.FetchError, OSError) as e:  # URLError is an OSError
-        pytest.skip(f"vLLM {suite_fetch.VERSION}'s rejection-sampler tests could not be "
-                    f"fetched from its sdist ({e}); `make vllm032-tests` fetches them")
-    # The four runs at once where there are cores for them.
-    with ThreadPoolExecutor(max_workers=max(1, min(len(RULES), os.cpu_count() or 1))) as ex:
-        return dict(zip(RULES, ex.map(run_rule, RULES)))
-
-
-def counts(outcomes: dict[str, str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for o in outcomes.values():
-        out[o] = out.get(o, 0) + 1
-    return out
+    fetched_or_skip(suite_fetch, DEST, "rejection-sampler tests", "`make vllm032-tests`")
+    return run_rules(RULES, run_rule)
 
 
 @pytest.mark.parametrize("rule", list(RULES))

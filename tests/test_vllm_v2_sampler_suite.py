@@ -23,12 +23,12 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.conftest import ROOT, SCRATCH, V2_HARNESS, v2_env
 from tests.vllm_suite import fetch as suite_fetch
+from tests.vllm_suite.fly_suite_common import counts, fetched_or_skip, run_rules
 from tests.vllm_suite.fly_swap_v2 import (CLASS_TESTS, EXPECTED_FAILURES, LOOSE, NOT_RUN,
                                           ROUTED_TESTS, RULES, VLLM_ONLY_TESTS, plan)
 
@@ -63,27 +63,10 @@ def run_rule(rule: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, dict]:
-    vllm = pytest.importorskip("vllm")
     pytest.importorskip("triton")  # the harness runs vLLM's V2 kernels in its interpreter
-    if not vllm.__version__.startswith(suite_fetch.VERSION):
-        pytest.skip(f"these are vLLM {suite_fetch.VERSION}'s tests; vLLM "
-                    f"{vllm.__version__} is installed")
-    try:
-        suite_fetch.fetch(DEST)
-    except (suite_fetch.FetchError, OSError) as e:  # URLError is an OSError
-        pytest.skip(f"vLLM {suite_fetch.VERSION}'s V2 rejection-sampler tests could not be "
-                    f"fetched from its sdist ({e}); `python tests/vllm_suite/fetch.py` "
-                    f"fetches them")
-    # The runs at once where there are cores for them (one thread each).
-    with ThreadPoolExecutor(max_workers=max(1, min(len(RULES), os.cpu_count() or 1))) as ex:
-        return dict(zip(RULES, ex.map(run_rule, RULES)))
-
-
-def counts(outcomes: dict[str, str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for o in outcomes.values():
-        out[o] = out.get(o, 0) + 1
-    return out
+    fetched_or_skip(suite_fetch, DEST, "V2 rejection-sampler tests",
+                    "`python tests/vllm_suite/fetch.py`")
+    return run_rules(RULES, run_rule)
 
 
 def _listed(names, outcomes) -> list[str]:

@@ -29,6 +29,11 @@ import os
 
 import pytest
 
+try:  # as the drivers import it
+    from tests.vllm_suite.fly_suite_common import outcome
+except ImportError:  # as a plugin in vLLM's tree, whose own ``tests`` package shadows ours
+    from fly_suite_common import outcome
+
 # FlyConfig keyword arguments per rule. Window 1 for FLy's gates: the
 # smallest, so the gate can act at the suite's K (1 to 5); the default 6
 # would allow no loose accept there at all. Thresholds are the defaults
@@ -141,14 +146,9 @@ def pytest_runtest_call(item):
 
 
 def pytest_runtest_logreport(report):
-    tid = _test_id(report.nodeid)
-    if report.when == "call" or (report.when == "setup" and not report.passed):
-        if hasattr(report, "wasxfail") and report.skipped:
-            _outcomes[tid] = "xfailed"
-        elif report.when == "setup" and report.failed:
-            _outcomes[tid] = "error"
-        else:
-            _outcomes[tid] = report.outcome  # an XPASS(strict) is "failed"
+    settled = outcome(report)
+    if settled is not None:
+        _outcomes[_test_id(report.nodeid)] = settled
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -66,6 +66,11 @@ from typing import NamedTuple
 
 import pytest
 
+try:  # as the drivers import it
+    from tests.vllm_suite.fly_suite_common import outcome
+except ImportError:  # as a plugin in vLLM's tree, whose own ``tests`` package shadows ours
+    from fly_suite_common import outcome
+
 # FlyConfig keyword arguments per rule; window 1 as in the V1 suite (the
 # smallest, so the gate can act at the tests' K of 1 to 3).
 RULES = {
@@ -457,14 +462,9 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_runtest_logreport(report):
-    tid = suite_id(report.nodeid)
-    if report.when == "call" or (report.when == "setup" and not report.passed):
-        if hasattr(report, "wasxfail") and report.skipped:
-            _outcomes[tid] = "xfailed"
-        elif report.when == "setup" and report.failed:
-            _outcomes[tid] = "error"
-        else:
-            _outcomes[tid] = report.outcome  # skipped; an XPASS(strict) is "failed"
+    settled = outcome(report)
+    if settled is not None:
+        _outcomes[suite_id(report.nodeid)] = settled
 
 
 def pytest_sessionfinish(session, exitstatus):
