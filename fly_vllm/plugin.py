@@ -518,10 +518,10 @@ def _install_v2(runner, fly: FlyConfig) -> None:
     k = runner.speculative_config.num_speculative_tokens
     # Batch-sharded sampling: each TP rank verifies its own requests and
     # records them (fly_vllm.parallel).
-    metrics.set_recording(parallel.records_here(
-        batch_sharded=getattr(runner, "batch_sharder", None) is not None))
+    sharded = getattr(runner, "batch_sharder", None) is not None
+    metrics.set_recording(parallel.records_here(batch_sharded=sharded))
     core = VerificationCore.for_model(fly, k, runner.device, runner.model_config)
-    if core.wants_hidden and getattr(runner, "batch_sharder", None) is not None:
+    if core.wants_hidden and sharded:
         raise FlyConfigError(
             "fly-vllm's judge gate and its recorder read the target's hidden states, "
             "which model runner V2 shards across tensor-parallel ranks when it samples "

@@ -28,12 +28,12 @@ The rule:
    unusable, so no fallback in this process can recover from it. A probe
    that leaves the device unusable raises an error that says so and names
    ``FLY_VLLM_VERIFIER=torch``.
-6. With tensor parallelism every rank verifies the same batch and must
+5. With tensor parallelism every rank verifies the same batch and must
    decide alike (fly_vllm.parallel): the check's outcome is agreed over the
    TP group, so a failure on any rank moves every rank to the reference;
    rule 4's later fallback, which one rank alone would take, stops the
    engine with an error instead.
-7. The path shows in ``CheckedVerifier.describe()`` (the start-up log line's
+6. The path shows in ``CheckedVerifier.describe()`` (the start-up log line's
    ``path=``: "triton", "torch", "custom module:function", or "torch (triton
    failed: ...)"), and in the metrics ``vllm:fly_verifier_path{path}``
    (workers per path) and ``vllm:fly_verifier_fallbacks_total``.
@@ -237,7 +237,7 @@ class CheckedVerifier:
                     why = probe(fn, workload, device)
                 except Exception as e:  # a fault that surfaced in the reference
                     why = f"the check failed: {error_text(e)}"
-            # Rule 6: every tensor-parallel rank takes the same path.
+            # Rule 5: every tensor-parallel rank takes the same path.
             self._ranks = parallel.tp_group() is not None
             if parallel.any_rank(why is not None) and why is None:
                 why = "another tensor-parallel rank's check failed (every rank verifies alike)"
@@ -280,7 +280,7 @@ class CheckedVerifier:
             try:
                 return fn(*args, **kwargs)
             except self._pre_launch as e:  # rule 4; nothing else is caught
-                if self._ranks:  # rule 6: not on this rank alone
+                if self._ranks:  # rule 5: not on this rank alone
                     raise RuntimeError(
                         f"fly-vllm: the {self.candidate.name} {self.rule} verifier failed on "
                         f"{device_text(self.device)} at a later step ({error_text(e)}); "

@@ -11,7 +11,7 @@ fails to load, compile or launch, or disagrees, ONE warning says so and the
 torch path scores from then on (``path`` says which runs), and the fallback
 counts in ``vllm:fly_verifier_fallbacks_total`` as the verifier's does.
 With tensor parallelism the check's outcome is agreed over the ranks, and a
-later failure stops the engine, as for the verifier (verify_path rule 6).
+later failure stops the engine, as for the verifier (verify_path rule 5).
 """
 
 from __future__ import annotations
