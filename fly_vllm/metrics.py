@@ -160,10 +160,12 @@ class CounterStore:
         """Add a full [NUM_SLOTS] vector of increments."""
         self.values[: counts.shape[0]] += counts
 
-    def add_first(self, increments: list) -> None:
-        """Add to the first len(increments) slots (drafts, draft tokens,
-        native accepts: all an exactly verified step changes)."""
-        self.values[: len(increments)] += np.asarray(increments, dtype=np.int64)
+    def add_first(self, drafts: int, draft_tokens: int, native_accepted: int) -> None:
+        """Add to the first three slots: all an exactly verified step changes."""
+        v = self.values
+        v[0] += drafts
+        v[1] += draft_tokens
+        v[2] += native_accepted
 
 
 _recording = True
@@ -305,20 +307,31 @@ class RequestTable:
         self.slot: dict[str, int] = {}
         self.next = 0
 
+    def _slot(self, rid: str) -> int:
+        """rid's row, taking the oldest row for a new request."""
+        s = self.slot.get(rid)
+        if s is None:
+            s = self.next
+            self.next = (self.next + 1) % REQUEST_SLOTS
+            old = self.rows[s]["id"].decode(errors="replace")
+            self.slot.pop(old, None)
+            self.slot[rid] = s
+            self.rows[s] = (rid.encode()[:96], np.zeros(len(REQUEST_FIELDS), np.int64))
+        return s
+
     def add(self, req_ids: list[str | None], counts: np.ndarray) -> None:
         """counts: [B, 4] increments (REQUEST_FIELDS) for the batch rows."""
         for rid, c in zip(req_ids, counts):
             if rid is None or not c.any():
                 continue
-            s = self.slot.get(rid)
-            if s is None:
-                s = self.next
-                self.next = (self.next + 1) % REQUEST_SLOTS
-                old = self.rows[s]["id"].decode(errors="replace")
-                self.slot.pop(old, None)
-                self.slot[rid] = s
-                self.rows[s] = (rid.encode()[:96], np.zeros(len(REQUEST_FIELDS), np.int64))
-            self._counts[s] += c
+            self._counts[self._slot(rid)] += c
+
+    def add_exact(self, rid: str, draft_tokens: int, native_accepted: int) -> None:
+        """One exactly verified step of a request that drafted."""
+        c = self._counts[self._slot(rid)]
+        c[0] += 1
+        c[1] += draft_tokens
+        c[2] += native_accepted
 
 
 _requests: RequestTable | None = None

@@ -89,19 +89,28 @@ def test_a_step_the_runner_verified_exactly_counts_as_the_rule_would(monkeypatch
 
     added = {"exact": np.zeros(metrics.NUM_SLOTS, np.int64),
              "rule": np.zeros(metrics.NUM_SLOTS, np.int64)}
-    rows: dict[str, list] = {"exact": [], "rule": []}
+    rows: dict[str, dict] = {"exact": {}, "rule": {}}
     which = ["exact"]
 
     class Store:
         def add_array(self, counts):
             added[which[0]][: len(counts)] += counts
 
-        def add_first(self, increments):
-            added[which[0]][: len(increments)] += np.asarray(increments, dtype=np.int64)
+        def add_first(self, drafts, draft_tokens, native_accepted):
+            added[which[0]][:3] += [drafts, draft_tokens, native_accepted]
 
     class Table:
+        def _add(self, rid, c):
+            mine = rows[which[0]]
+            mine[rid] = mine.get(rid, np.zeros(4, np.int64)) + c
+
         def add(self, ids, counts):
-            rows[which[0]].append((list(ids), np.asarray(counts, dtype=np.int64)))
+            for rid, c in zip(ids, np.asarray(counts, dtype=np.int64)):
+                if c.any():
+                    self._add(rid, c)
+
+        def add_exact(self, rid, draft_tokens, native_accepted):
+            self._add(rid, np.array([1, draft_tokens, native_accepted, 0]))
 
     monkeypatch.setattr(metrics, "worker_store", Store)
     monkeypatch.setattr(metrics, "request_table", Table)
@@ -114,9 +123,11 @@ def test_a_step_the_runner_verified_exactly_counts_as_the_rule_would(monkeypatch
                                                 "uniform_probs", "recovered_token_ids")
                               if k in a})
         n = torch.diff(a["cu_num_draft_tokens"].long(), prepend=torch.zeros(1)).long().tolist()
-        ids = [f"r{b}" for b in range(len(n))]
+        ids = [f"r{i}-{b}" for b in range(len(n))]
         which[0] = "exact"
-        StepCounts("fly").record_exact((out.output_token_ids >= 0).sum(1) - 1, n, ids)
+        # As each runner hands it over: a torch tensor, or numpy (V1 on the CPU).
+        held = out.output_token_ids if i % 2 else out.output_token_ids.numpy()
+        StepCounts("fly").record_exact((held >= 0).sum(1) - 1, n, ids)
         which[0] = "rule"
         none = torch.zeros_like(out.native)
         StepCounts("fly")._record_host(out, a["cu_num_draft_tokens"], [
@@ -124,5 +135,5 @@ def test_a_step_the_runner_verified_exactly_counts_as_the_rule_would(monkeypatch
             out.guard_vetoed, *[none for _ in metrics.GUARD_RULES], out.prefix_exact], ids)
     assert np.array_equal(added["exact"], added["rule"])
     assert added["exact"][metrics.INDEX["native_accepted_tokens"]] > 0
-    assert all(a[0] == b[0] and np.array_equal(a[1], b[1])
-               for a, b in zip(rows["exact"], rows["rule"]))
+    assert rows["exact"].keys() == rows["rule"].keys() and rows["exact"]
+    assert all(np.array_equal(rows["exact"][r], rows["rule"][r]) for r in rows["exact"])

@@ -43,13 +43,14 @@ class StepCounts:
         else:
             self._record_device(out, cu_num_draft_tokens, flags, req_ids)
 
-    def record_exact(self, num_accepted: torch.Tensor, num_draft_tokens: list[int],
+    def record_exact(self, num_accepted: torch.Tensor | np.ndarray,
+                     num_draft_tokens: list[int],
                      req_ids: list | None = None) -> None:
         """A step verified exactly by the runner itself (every request
         strict): drafts, draft tokens and native accepts ``num_accepted``
         [B]; nothing else happens in such a step."""
         drafts = sum(1 for k in num_draft_tokens if k > 0)
-        if num_accepted.device.type != "cpu":
+        if isinstance(num_accepted, torch.Tensor) and num_accepted.device.type != "cpu":
             acc = num_accepted.long()
             counts = torch.zeros(metrics.PER_POS_OFFSET + metrics.MAX_POSITIONS,
                                  dtype=torch.long, device=acc.device)
@@ -65,12 +66,15 @@ class StepCounts:
                 self.flush()
                 self._last_flush = now
             return
-        acc = num_accepted.numpy()
+        # On the CPU this runs every step of a strict engine: plain ints,
+        # no array built (a numpy or torch call costs more than the sums).
+        acc = num_accepted.tolist()
         if req_ids is not None:
-            n = np.asarray(num_draft_tokens, dtype=np.int64)
-            metrics.request_table().add(req_ids, np.stack(
-                [n > 0, n, acc, np.zeros_like(acc)], axis=1))
-        metrics.worker_store().add_first([drafts, sum(num_draft_tokens), int(acc.sum())])
+            table = metrics.request_table()
+            for rid, k, a in zip(req_ids, num_draft_tokens, acc):
+                if rid is not None and k > 0:
+                    table.add_exact(rid, k, a)
+        metrics.worker_store().add_first(drafts, sum(num_draft_tokens), sum(acc))
 
     def _record_host(self, out, cu_num_draft_tokens, flags, req_ids) -> None:
         """On the CPU: the step's few values summed with numpy (a torch op

@@ -22,6 +22,7 @@ import logging
 import math
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from fly_vllm.config import FlyConfig
@@ -91,7 +92,7 @@ class VerificationCore:
         return self.recorder is None and all(
             math.isinf(st.threshold) for st in self.settings.batch(requests))
 
-    def count_exact(self, num_accepted: torch.Tensor, num_draft_tokens: list[int],
+    def count_exact(self, num_accepted: torch.Tensor | np.ndarray, num_draft_tokens: list[int],
                     requests: list, warmup: bool = False) -> None:
         """Count a step the runner verified exactly: [B] accepted drafts."""
         if not warmup:

@@ -224,8 +224,10 @@ class FlyRejectionSampler(RejectionSampler):
                 draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
                 vllm_q, target_logits, bonus_token_ids, sampling_metadata,
                 synthetic_mode=synthetic_mode, use_fp64_gumbel=use_fp64_gumbel, **unused)
-            # Each row holds its accepted drafts and one more token.
-            self.core.count_exact((rows >= 0).sum(dim=1) - 1, num_draft_tokens, requests,
+            # Each row holds its accepted drafts and one more token (counted
+            # in numpy on the CPU: cheaper than torch for a few values).
+            held = rows.numpy() if rows.device.type == "cpu" else rows
+            self.core.count_exact((held >= 0).sum(1) - 1, num_draft_tokens, requests,
                                   self._warmup.get())
             return rows
         step = Step(draft_token_ids, num_draft_tokens, cu_num_draft_tokens, target_logits,
