@@ -1,6 +1,7 @@
 """What installing fly-vllm costs against vLLM's own speculative decoding.
 
     python benchmarks/overhead.py [--rounds 3] [--max-tokens 128] [--out DIR]
+    python benchmarks/overhead.py --paired [--rounds 5] [--modes ...]
 
 The setup a new user would try first: the embedded SmolLM2-135M (fp32,
 vLLM's model runner V1 on this CPU), n-gram drafting (prompt lookup 2-4),
@@ -17,7 +18,13 @@ the 12 timed):
                    only its cost differs
 
 Rounds are interleaved (every mode once per round, the order rotated), so
-drift on a shared machine falls on all modes alike. Reported: tok/s per mode
+drift on a shared machine falls on all modes alike. On a machine whose speed
+drifts within a round, ``--paired`` pairs more tightly: every mode's engine
+stays up in its own process (the same in-process engine as above) and the
+modes take turns prompt by prompt, so each prompt's timings are seconds
+apart; a FLy mode's ratio is then its speed over vLLM's n-gram's on the same
+prompt and round, reported as the median over all pairs with a
+distribution-free 95% interval, beside the ratio of total times per round. Reported: tok/s per mode
 and round, each FLy mode's ratio to vLLM's n-gram in the same round (median
 and range), whether every output equals the target's own, and the
 environment (command, machine, CPU flags, versions). Speed needs a quiet
@@ -72,6 +79,173 @@ def run_round(model: str, prompts: list[str], specs: dict, order: list[str],
     return out
 
 
+def serve_worker(spec_json: str, max_model_len: int = 1024) -> int:
+    """One mode's engine, kept up: reads prompts (JSON lines) on stdin and
+    answers each with its tokens and wall time, until stdin closes."""
+    import time
+
+    from vllm import LLM, SamplingParams
+
+    from fly_vllm.bench.offline import DEFAULT_ENGINE
+    from fly_vllm.demo import PROMPTS
+    from fly_vllm.models import resolve_model
+
+    engine = {**DEFAULT_ENGINE, "max_model_len": max_model_len, "max_num_seqs": 1}
+    llm = LLM(model=resolve_model(None), speculative_config=json.loads(spec_json), **engine)
+    warm = SamplingParams(max_tokens=32, temperature=0.0)
+    llm.chat([[{"role": "user", "content": PROMPTS[0]}]], warm, use_tqdm=False)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        ask = json.loads(line)
+        params = SamplingParams(max_tokens=ask["max_tokens"], temperature=0.0)
+        t0 = time.perf_counter()
+        out = llm.chat([[{"role": "user", "content": ask["prompt"]}]], params,
+                       use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        print("RESULT " + json.dumps({"seconds": seconds,
+                                      "token_ids": list(out[0].outputs[0].token_ids)}),
+              flush=True)
+    return 0
+
+
+class _Engine:
+    """A serve_worker process (its own process group, killed on close)."""
+
+    def __init__(self, name: str, spec: dict | None, log: Path):
+        import subprocess
+
+        from fly_vllm.bench.offline import worker_env
+
+        self.name, self._log = name, open(log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve-worker", json.dumps(spec)],
+            env=worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._log, text=True, start_new_session=True)
+        self._read("READY")
+
+    def _read(self, tag: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return line[len(tag):].strip()
+        raise SystemExit(f"[overhead] {self.name}: its engine stopped; see {self._log.name}")
+
+    def ask(self, prompt: str, max_tokens: int) -> dict:
+        self.proc.stdin.write(json.dumps({"prompt": prompt, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._read("RESULT"))
+
+    def close(self) -> None:
+        import os
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self._log.close()
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The median and a distribution-free interval for it: the order
+    statistics k and n + 1 - k with P(k <= Binomial(n, 1/2) < n + 1 - k) at
+    least ``level``."""
+    xs, n = sorted(values), len(values)
+    pmf = [math.comb(n, i) / 2 ** n for i in range(n + 1)]
+    k = 0  # the widest tail such that the interval still covers `level`
+    while k + 1 <= n // 2 and 1 - 2 * sum(pmf[:k + 1]) >= level:
+        k += 1
+    lo, hi = (xs[k - 1], xs[n - k]) if k else (xs[0], xs[-1])
+    return statistics.median(xs), lo, hi
+
+
+def run_paired(names: list[str], specs: dict, prompts: list[str], rounds: int,
+               max_tokens: int, raw: Path) -> list[dict]:
+    """Every mode's engine up at once; per round and prompt, the modes in
+    turn (the order rotated each time). Returns one row per (round, prompt,
+    mode): seconds and tokens."""
+    engines: dict[str, _Engine] = {}
+    rows = []
+    try:
+        for name in names:
+            print(f"[overhead] starting {name}", file=sys.stderr, flush=True)
+            engines[name] = _Engine(name, specs[name], raw / f"{name.replace(' ', '-')}.log")
+        turn = 0
+        for r in range(rounds):
+            for i, prompt in enumerate(prompts):
+                order = names[turn % len(names):] + names[:turn % len(names)]
+                turn += 1
+                for name in order:
+                    res = engines[name].ask(prompt, max_tokens)
+                    rows.append({"round": r + 1, "prompt": i, "mode": name, **res})
+            print(f"[overhead] round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    finally:
+        for e in engines.values():
+            e.close()
+    return rows
+
+
+def paired_report(rows: list[dict], names: list[str], rounds: int) -> tuple[list[str], dict]:
+    """Lines of the paired report's table and its figures."""
+    at = {(x["round"], x["prompt"], x["mode"]): x for x in rows}
+    keys = sorted({(x["round"], x["prompt"]) for x in rows})
+    ref = "target alone" if "target alone" in names else "vllm ngram"
+    figures, lines = {}, [
+        "| mode | tok/s (all rounds) | vs vLLM n-gram, per prompt: median [95% interval] "
+        "| vs vLLM n-gram, per round: median [range] | outputs = target's |",
+        "|---|---|---|---|---|"]
+    for n in names:
+        secs = sum(at[k + (n,)]["seconds"] for k in keys)
+        toks = sum(len(at[k + (n,)]["token_ids"]) for k in keys)
+        per_prompt = [(len(at[k + (n,)]["token_ids"]) / at[k + (n,)]["seconds"])
+                      / (len(at[k + ("vllm ngram",)]["token_ids"])
+                         / at[k + ("vllm ngram",)]["seconds"]) for k in keys]
+        per_round = []
+        for r in range(1, rounds + 1):
+            ks = [k for k in keys if k[0] == r]
+            speed = (sum(len(at[k + (n,)]["token_ids"]) for k in ks)
+                     / sum(at[k + (n,)]["seconds"] for k in ks))
+            ng = (sum(len(at[k + ("vllm ngram",)]["token_ids"]) for k in ks)
+                  / sum(at[k + ("vllm ngram",)]["seconds"] for k in ks))
+            per_round.append(speed / ng)
+        med, lo, hi = median_interval(per_prompt)
+        same = all(at[k + (n,)]["token_ids"] == at[k + (ref,)]["token_ids"] for k in keys)
+        figures[n] = {"tok_s": toks / secs, "per_prompt_ratio": per_prompt,
+                      "median": med, "interval95": [lo, hi], "per_round_ratio": per_round,
+                      "outputs_equal_target": same}
+        lines.append(f"| {n} | {toks / secs:.1f} | {med:.3f}x [{lo:.3f}, {hi:.3f}] | "
+                     f"{statistics.median(per_round):.3f}x [{min(per_round):.3f}, "
+                     f"{max(per_round):.3f}] | {'all' if same else 'NOT all'} |")
+    return lines, figures
+
+
+def paired_main(args, names, specs, prompts, out: Path, raw: Path, env: dict) -> int:
+    rows = run_paired(names, specs, prompts, args.rounds, args.max_tokens, raw)
+    table, figures = paired_report(rows, names, args.rounds)
+    lines = ["# What installing fly-vllm costs: strict FLy against vLLM's own n-gram "
+             "speculation, paired prompt by prompt", "",
+             f"- command: `{env['command']}`", f"- date: {env['date']}",
+             f"- machine: {env['machine']}; CPU flags: {', '.join(env['cpu_flags'])}",
+             f"- versions: {json.dumps(env['versions'])}; OMP_NUM_THREADS="
+             f"{env['worker_env'].get('OMP_NUM_THREADS')}",
+             f"- setup: SmolLM2-135M-Instruct fp32, V1 runner, n-gram 2-4, K={args.k}, the "
+             f"demo's {len(prompts)} prompts, greedy, one at a time, {args.max_tokens} new "
+             f"tokens; every mode's engine up at once in its own process, the modes in turn "
+             f"for each prompt (order rotated), {args.rounds} rounds: "
+             f"{args.rounds * len(prompts)} pairs per mode", "", *table, "",
+             "Per prompt: the mode's tok/s over vLLM's n-gram's on the same prompt in the same "
+             "round, seconds apart; the interval is the median's distribution-free 95% "
+             "interval (order statistics). Per round: total tokens over total time, over "
+             "vLLM's n-gram's in the same round."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {"env": env, "args": vars(args), "figures": figures,
+         "rows": [{k: v for k, v in x.items() if k != "token_ids"} | {
+             "tokens": len(x["token_ids"])} for x in rows]}, indent=1))
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,8 +254,13 @@ def main(argv=None) -> int:
     ap.add_argument("-k", type=int, default=8)
     ap.add_argument("--modes", default=None,
                     help="comma-separated subset of the modes (default: all four)")
+    ap.add_argument("--paired", action="store_true",
+                    help="all engines up at once, the modes in turn prompt by prompt")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--serve-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.serve_worker is not None:
+        return serve_worker(args.serve_worker)
     from fly_vllm.bench.harness import environment
     from fly_vllm.demo import PROMPTS
     from fly_vllm.models import resolve_model
@@ -100,6 +279,8 @@ def main(argv=None) -> int:
                f"overhead-{dt.datetime.now():%Y%m%d-%H%M%S}")
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
+    if args.paired:
+        return paired_main(args, names, specs, PROMPTS, out, raw, environment(args))
     rounds = []
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]

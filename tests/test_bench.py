@@ -553,3 +553,35 @@ def test_parts_first_runs_the_named_parts_before_the_others(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="the run has 3 parts"):
         harness.main(argv + ["--out", str(tmp_path / "new"), "--parts-first", "4"])
     assert len(calls) == 4
+
+
+def _overhead_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks" / "overhead.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_paired_overhead_median_interval_and_ratios():
+    """benchmarks/overhead.py --paired: the median's distribution-free 95%
+    interval is the textbook one (n = 60: the 22nd and 39th of the sorted
+    values; n = 6: the whole range), it covers a known median in about 95%
+    of samples, and a pair's ratio is the two speeds' on the same prompt."""
+    import random
+
+    ov = _overhead_module()
+    assert ov.median_interval(list(range(1, 61))) == (30.5, 22, 39)
+    assert ov.median_interval([6, 1, 5, 2, 4, 3]) == (3.5, 1, 6)
+    rng = random.Random(0)
+    cover = sum(lo <= 0 <= hi for lo, hi in (
+        ov.median_interval([rng.gauss(0, 1) for _ in range(36)])[1:] for _ in range(2000)))
+    assert 0.94 <= cover / 2000 <= 0.99
+    rows = [{"round": r, "prompt": p, "mode": m, "seconds": s, "token_ids": [7] * 10}
+            for r in (1, 2) for p in (0, 1)
+            for m, s in (("vllm ngram", 1.0), ("fly strict", 1.25 if p else 0.8))]
+    lines, fig = ov.paired_report(rows, ["vllm ngram", "fly strict"], 2)
+    assert sorted(fig["fly strict"]["per_prompt_ratio"]) == [0.8, 0.8, 1.25, 1.25]
+    assert fig["fly strict"]["per_round_ratio"] == pytest.approx([2 / 2.05] * 2)
+    assert fig["fly strict"]["outputs_equal_target"] and len(lines) == 4
