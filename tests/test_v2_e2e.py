@@ -75,8 +75,10 @@ def by_group(result: dict, key: str = "token_ids") -> dict[str, list]:
 def all_runs(tiny_pair, tmp_path_factory):
     """Every engine this module needs, run two at a time on a 2-core machine
     (conftest.run_jobs): the rules on V2, V2's own speculation, the same
-    rules on V1; FSD on both; the EAGLE-3 head on both and V2's own."""
+    rules on V1; FSD on both; the EAGLE-3 head on both and V2's own; EAGLE-1
+    and the MTP layer on both, and the MTP target alone."""
     from fly_vllm.tinyheads import build_tiny_eagle, build_tiny_eagle3
+    from fly_vllm.tinymtp import build_tiny_mimo
 
     t, near = tiny_pair["target"], tiny_pair["near"]
     cfg = json.loads((Path(t) / "config.json").read_text())
@@ -90,6 +92,8 @@ def all_runs(tiny_pair, tmp_path_factory):
               "speculative_config": {"model": near, "num_speculative_tokens": K}}
     eagle_fly, eagle_native = eagle_jobs(t, str(build_tiny_eagle3(SCRATCH / "eagle3", t)))
     eagle1_fly, _ = eagle_jobs(t, str(build_tiny_eagle(SCRATCH / "eagle", t)), "eagle")
+    mimo = str(build_tiny_mimo(SCRATCH / "mimo"))
+    mtp_fly, _ = eagle_jobs(mimo, None, "mtp", MTP_GROUPS)
     v2 = {"runner": "v2"}
     # The slowest first (V2 engines run Triton's interpreter), so that the
     # two cores stay busy to the end.
@@ -98,6 +102,7 @@ def all_runs(tiny_pair, tmp_path_factory):
         "v2_eagle3": (eagle_fly, v2),
         "v2_fsd": (fsd_job(t, near), v2),
         "v2_eagle": (eagle1_fly, v2),
+        "v2_mtp": (mtp_fly, v2),
         "v2_native": (native, v2),
         "v2_eagle3_native": (eagle_native, v2),
         # V2 is available here (the harness) and VLLM_USE_V2_MODEL_RUNNER=0
@@ -107,6 +112,8 @@ def all_runs(tiny_pair, tmp_path_factory):
         "v1_fsd": fsd_job(t, near),
         "v1_eagle3": eagle_fly,
         "v1_eagle": eagle1_fly,
+        "v1_mtp": mtp_fly,
+        "mtp_target": {"model": mimo, "prompts": PROMPTS, "sampling": GREEDY},
     })
     return {**results, "record": record}
 
@@ -280,15 +287,21 @@ EAGLE_GROUPS = {"strict": ({"strict": True}, False), "strict_seeded": ({"strict"
                 "margin": ({"gate": "margin", "margin": 8.0}, False),
                 "entropy_seeded": ({"entropy_threshold": 0.0}, True)}
 
+# The MTP layer's groups: greedy only (seeded strict and loose requests run
+# through the same V2 paths with EAGLE-3 above; V2 interprets every kernel).
+MTP_GROUPS = {g: EAGLE_GROUPS[g] for g in ("strict", "entropy", "margin")}
 
-def eagle_jobs(t: str, head: str, method: str = "eagle3") -> tuple[dict, dict]:
-    """FLy's EAGLE-3 (or EAGLE-1) job, every group, and vLLM's own (strict's
-    groups)."""
-    spec = {"method": method, "model": head, "num_speculative_tokens": K}
-    fly = {"model": t, "prompts": PROMPTS * len(EAGLE_GROUPS),
-           "sampling": [s for _, seeded in EAGLE_GROUPS.values() for s in sampling(seeded)],
-           "extra_args": [{"fly": g} for g, _ in EAGLE_GROUPS.values() for _ in PROMPTS],
-           "max_num_seqs": len(PROMPTS) * len(EAGLE_GROUPS),
+
+def eagle_jobs(t: str, head: str | None, method: str = "eagle3",
+               groups: dict = EAGLE_GROUPS) -> tuple[dict, dict]:
+    """FLy's EAGLE-3 (or EAGLE-1, or MTP: no head, the target's own layer)
+    job, every group, and vLLM's own (strict's groups)."""
+    spec = {"method": method, "num_speculative_tokens": K,
+            **({"model": head} if head else {})}
+    fly = {"model": t, "prompts": PROMPTS * len(groups),
+           "sampling": [s for _, seeded in groups.values() for s in sampling(seeded)],
+           "extra_args": [{"fly": g} for g, _ in groups.values() for _ in PROMPTS],
+           "max_num_seqs": len(PROMPTS) * len(groups),
            "speculative_config": {**spec, "method": "fly",
                                   "fly": {"drafter": method, "window": 1}}}
     native = {"model": t, "prompts": PROMPTS * 2,
@@ -350,3 +363,30 @@ def test_eagle1_strict_is_the_targets_and_loose_rules_accept(all_runs, runs):
     for i, (g, (_, seeded)) in enumerate(EAGLE_GROUPS.items()):
         if not seeded:
             assert v2[i * n:(i + 1) * n] == v1[i * n:(i + 1) * n], g
+
+
+# ---------------------------------------------------------------------- MTP
+
+
+def test_mtp_strict_is_the_targets_and_loose_rules_accept(all_runs):
+    """vLLM's "method": "mtp" (a tiny MiMo target's own MTP layer,
+    fly_vllm/tinymtp.py) through "fly": {"drafter": "mtp"} on both runners:
+    strict greedy requests are the target's own text, the loose groups accept
+    loosely, the layer drafts what the target accepts, and greedy groups
+    match across runners."""
+    n = len(PROMPTS)
+    target = all_runs["mtp_target"]["token_ids"]
+    for name in ("v2_mtp", "v1_mtp"):
+        r = all_runs[name]
+        got = {g: r["token_ids"][i * n:(i + 1) * n] for i, g in enumerate(MTP_GROUPS)}
+        assert got["strict"] == target, name
+        loose = {g: sum(s["loose_accepted_tokens"] for s in r["fly_stats"][i * n:(i + 1) * n])
+                 for i, g in enumerate(MTP_GROUPS)}
+        assert loose["strict"] == 0 and loose["entropy"] > 0 and loose["margin"] > 0, (name, loose)
+        m = r["metrics"]
+        assert m["vllm:fly_native_accepted_tokens"] > 0.15 * m["vllm:fly_draft_tokens"], name
+        assert m["vllm:fly_drafter_passes"] == K * m["vllm:fly_drafter_calls"] > 0, name
+        assert "Resolved architecture: MiMoMTPModel" in log(name), name
+    assert "FLy verification active: runner=V2" in log("v2_mtp")
+    assert "FLy verification active: runner=V1" in log("v1_mtp")
+    assert all_runs["v1_mtp"]["token_ids"] == all_runs["v2_mtp"]["token_ids"]
