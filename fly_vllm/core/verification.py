@@ -75,6 +75,8 @@ class VerificationCore:
         # The judge and the recorder read the step's hidden states.
         self.wants_hidden = judge is not None or recorder is not None
         self._warned_shape = False
+        self._exact_for: list | None = None  # exact_only's last batch, and its answer
+        self._exact = False
 
     @classmethod
     def for_model(cls, fly: FlyConfig, k: int, device, model_config) -> VerificationCore:
@@ -88,9 +90,15 @@ class VerificationCore:
         """Whether this step needs nothing but exact verification: every
         request strict, and no recorder reading per-draft decisions. The
         runner then verifies as vLLM does, and the step is counted with
-        ``count_exact``."""
-        return self.recorder is None and all(
+        ``count_exact``. The answer for the last ``requests`` object is kept:
+        a runner that hands the same list again (an unchanged batch) gets
+        it without the settings being read."""
+        if requests is self._exact_for:
+            return self._exact
+        self._exact = self.recorder is None and all(
             math.isinf(st.threshold) for st in self.settings.batch(requests))
+        self._exact_for = requests
+        return self._exact
 
     def count_exact(self, num_accepted: torch.Tensor | np.ndarray, num_draft_tokens: list[int],
                     requests: list, warmup: bool = False) -> None:

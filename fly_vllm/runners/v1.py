@@ -150,6 +150,8 @@ class FlyRejectionSampler(RejectionSampler):
         # states, which plugin patch 9 hands over as ``hidden``.
         self.hidden: torch.Tensor | None = None  # [R, H], this step's
         self._rows: torch.Tensor | None = None  # [T] target_logits_indices
+        self._batch_ids: list = []  # the last batch's request ids, and its rows
+        self._batch_rows: list = []
 
     @property
     def wants_hidden(self) -> bool:
@@ -166,17 +168,23 @@ class FlyRejectionSampler(RejectionSampler):
 
     def _batch_requests(self, batch: int) -> list[Any]:
         """(req_id, sampling params) of each row of the batch (None where
-        unknown, as in vLLM's warm-up runs)."""
+        unknown, as in vLLM's warm-up runs). The same list object while the
+        batch holds the same requests (decode steps mostly do), so the core
+        can reuse what it read from it."""
         runner = self._runner()
         if runner is None:
             return [None] * batch
         req_ids = list(getattr(runner.input_batch, "req_ids", []))[:batch]
+        if req_ids == self._batch_ids and len(self._batch_rows) == batch:
+            return self._batch_rows
         states = getattr(runner, "requests", {})
         rows = []
         for rid in req_ids:
             st = states.get(rid) if rid is not None else None
             rows.append((rid, getattr(st, "sampling_params", None)) if st else None)
-        return rows + [None] * (batch - len(rows))
+        rows += [None] * (batch - len(rows))
+        self._batch_ids, self._batch_rows = req_ids, rows
+        return rows
 
     def _num_generated(self, rows) -> list[int]:
         """Output tokens each batch row has before this step (0 where
