@@ -578,10 +578,12 @@ def test_paired_overhead_median_interval_and_ratios():
     cover = sum(lo <= 0 <= hi for lo, hi in (
         ov.median_interval([rng.gauss(0, 1) for _ in range(36)])[1:] for _ in range(2000)))
     assert 0.94 <= cover / 2000 <= 0.99
-    rows = [{"round": r, "prompt": p, "mode": m, "seconds": s, "token_ids": [7] * 10}
+    rows = [{"round": r, "prompt": p, "mode": m, "seconds": s, "cpu_seconds": 2 * s,
+             "token_ids": [7] * 10}
             for r in (1, 2) for p in (0, 1)
             for m, s in (("vllm ngram", 1.0), ("fly strict", 1.25 if p else 0.8))]
     lines, fig = ov.paired_report(rows, ["vllm ngram", "fly strict"], 2)
     assert sorted(fig["fly strict"]["per_prompt_ratio"]) == [0.8, 0.8, 1.25, 1.25]
     assert fig["fly strict"]["per_round_ratio"] == pytest.approx([2 / 2.05] * 2)
+    assert sorted(fig["fly strict"]["cpu_ratio"]) == [0.8, 0.8, 1.25, 1.25]
     assert fig["fly strict"]["outputs_equal_target"] and len(lines) == 4
