@@ -117,3 +117,40 @@ def test_loose_differs_from_vllm_somewhere(rs):
             rs, rs.rejection_sample, **args)
         differ += int(not torch.equal(got, want))
     assert differ > 0
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_loose_greedy_steps_whose_drafts_all_match_take_vllms_rows(rs, seed):
+    """A greedy CPU step goes through vLLM's own verification first and keeps
+    its rows when every draft matched (the rules act only at mismatches), or
+    through the rule otherwise: rows and counts are the rule's either way."""
+    import numpy as np
+
+    from fly_vllm import metrics
+
+    args = batch(seed, [True] * 4, False)
+    if seed % 2:  # every draft the target's own token: no mismatch at all
+        args["draft_token_ids"] = args["target_logits"].argmax(-1).int()
+    got, counts = {}, {}
+    for first in (True, False):
+        sampler = make_sampler(strict=False, threshold=0.0, window=1)
+        sampler.core.exact_when_all_match = first
+        sampler._warmup = contextvars.ContextVar("w", default=False)
+        added = np.zeros(metrics.NUM_SLOTS, np.int64)
+
+        class Store:
+            def add_array(self, c):
+                added[: len(c)] += c
+
+            def add_first(self, drafts, draft_tokens, native):
+                added[:3] += [drafts, draft_tokens, native]
+
+        old = metrics.worker_store
+        metrics.worker_store = Store
+        try:
+            got[first] = sampler.fly_rejection_sample(rs, rs.rejection_sample, **args)
+        finally:
+            metrics.worker_store = old
+        counts[first] = added
+    assert torch.equal(got[True], got[False])
+    assert np.array_equal(counts[True], counts[False])

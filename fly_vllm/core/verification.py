@@ -76,7 +76,12 @@ class VerificationCore:
         self.wants_hidden = judge is not None or recorder is not None
         self._warned_shape = False
         self._exact_for: list | None = None  # exact_only's last batch, and its answer
-        self._exact = False
+        self._exact_answer = False
+        # Whether a step whose every draft matches natively is verified and
+        # counted by this core as exact verification would: FLy's rules act
+        # only at mismatches (FSD reads the drafter's distribution, and the
+        # recorder every step, so they take the rule's path).
+        self.exact_when_all_match = fly.rule == "fly" and recorder is None
 
     @classmethod
     def for_model(cls, fly: FlyConfig, k: int, device, model_config) -> VerificationCore:
@@ -94,11 +99,11 @@ class VerificationCore:
         a runner that hands the same list again (an unchanged batch) gets
         it without the settings being read."""
         if requests is self._exact_for:
-            return self._exact
-        self._exact = self.recorder is None and all(
+            return self._exact_answer
+        self._exact_answer = self.recorder is None and all(
             math.isinf(st.threshold) for st in self.settings.batch(requests))
         self._exact_for = requests
-        return self._exact
+        return self._exact_answer
 
     def count_exact(self, num_accepted: torch.Tensor | np.ndarray, num_draft_tokens: list[int],
                     requests: list, warmup: bool = False) -> None:

@@ -225,9 +225,16 @@ class FlyRejectionSampler(RejectionSampler):
         # divergence); vLLM's own p/q test treats that drafter as one-hot.
         vllm_q = None if fsd else draft_probs
         requests = self._batch_requests(len(num_draft_tokens))
-        if self.core.exact_only(requests) and not cpu_placeholder_bug(
-                draft_token_ids, sm):
-            # Every request strict: vLLM's own verification, counted.
+        exact = self.core.exact_only(requests)
+        # A greedy step in which every draft matches is verified and counted
+        # by any FLy rule as by exact verification (the rules act only at
+        # mismatches). On the CPU such steps (and steps without drafts) are
+        # most steps, so vLLM's own verification runs first there; greedy,
+        # it draws nothing, so a step with a mismatch then goes to the rule
+        # as if it had not run. (Elsewhere this would cost a device sync.)
+        first = (not exact and sm.all_greedy and device.type == "cpu"
+                 and self.core.exact_when_all_match)
+        if (exact or first) and not cpu_placeholder_bug(draft_token_ids, sm):
             rows = vllm_rejection_sample(
                 draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
                 vllm_q, target_logits, bonus_token_ids, sampling_metadata,
@@ -235,9 +242,11 @@ class FlyRejectionSampler(RejectionSampler):
             # Each row holds its accepted drafts and one more token (counted
             # in numpy on the CPU: cheaper than torch for a few values).
             held = rows.numpy() if rows.device.type == "cpu" else rows
-            self.core.count_exact((held >= 0).sum(1) - 1, num_draft_tokens, requests,
-                                  self._warmup.get())
-            return rows
+            accepted = (held >= 0).sum(1) - 1
+            if exact or accepted.tolist() == list(num_draft_tokens):
+                self.core.count_exact(accepted, num_draft_tokens, requests,
+                                      self._warmup.get())
+                return rows
         step = Step(draft_token_ids, num_draft_tokens, cu_num_draft_tokens, target_logits,
                     bonus_token_ids, max_spec_len, requests,
                     num_generated=lambda: self._num_generated(step.requests),
