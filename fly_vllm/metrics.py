@@ -220,8 +220,29 @@ def snapshot() -> dict[str, object]:
     return out
 
 
+# The labelled families and the fallbacks counter: (name, help).
+BY_RULE_FAMILY = ("vllm:fly_loose_accepted_tokens_by_rule",
+                  "Draft tokens accepted loosely, by acceptance rule (fly or fsd).")
+PER_POS_FAMILY = ("vllm:fly_loose_accepted_tokens_per_pos",
+                  "Draft tokens accepted loosely, by draft position.")
+PATH_FAMILY = ("vllm:fly_verifier_path",
+               "Workers verifying on each path: triton (the kernels), torch (the "
+               "reference) or custom (FLY_VLLM_VERIFIER).")
+FALLBACKS_FAMILY = ("vllm:fly_verifier_fallbacks",
+                    "Workers whose accelerated verifier failed its check, or a later "
+                    "call, and that verify with torch since.")
+
+
+def last_position(t: np.ndarray) -> int:
+    """How many draft positions the per-position family lists: up to the
+    last with a loose accept."""
+    per = t[PER_POS_OFFSET:DRAFTER_OFFSET]
+    return int(np.flatnonzero(per).max()) + 1 if per.any() else 0
+
+
 class FlyCollector:
-    """Prometheus collector exposing the summed worker counters."""
+    """Prometheus collector exposing the summed worker counters (the default
+    registry; with several API server processes see metrics_multiproc.py)."""
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -231,35 +252,19 @@ class FlyCollector:
             c = CounterMetricFamily(f"vllm:fly_{name}", doc)
             c.add_metric([], float(t[INDEX[name]]))
             yield c
-        by_rule = CounterMetricFamily(
-            "vllm:fly_loose_accepted_tokens_by_rule",
-            "Draft tokens accepted loosely, by acceptance rule (fly or fsd).",
-            labels=["rule"],
-        )
+        by_rule = CounterMetricFamily(*BY_RULE_FAMILY, labels=["rule"])
         for i, r in enumerate(ACCEPT_RULES):
             by_rule.add_metric([r], float(t[BY_RULE_OFFSET + i]))
         yield by_rule
-        per_pos = CounterMetricFamily(
-            "vllm:fly_loose_accepted_tokens_per_pos",
-            "Draft tokens accepted loosely, by draft position.",
-            labels=["position"],
-        )
-        per = t[PER_POS_OFFSET:DRAFTER_OFFSET]
-        last = int(np.flatnonzero(per).max()) + 1 if per.any() else 0
-        for p in range(last):
-            per_pos.add_metric([str(p)], float(per[p]))
+        per_pos = CounterMetricFamily(*PER_POS_FAMILY, labels=["position"])
+        for p in range(last_position(t)):
+            per_pos.add_metric([str(p)], float(t[PER_POS_OFFSET + p]))
         yield per_pos
-        path = GaugeMetricFamily(
-            "vllm:fly_verifier_path",
-            "Workers verifying on each path: triton (the kernels), torch (the "
-            "reference) or custom (FLY_VLLM_VERIFIER).", labels=["path"])
+        path = GaugeMetricFamily(*PATH_FAMILY, labels=["path"])
         for p in VERIFIER_PATHS:
             path.add_metric([p], float(t[INDEX[f"verifier_path_{p}"]]))
         yield path
-        fallbacks = CounterMetricFamily(
-            "vllm:fly_verifier_fallbacks",
-            "Workers whose accelerated verifier failed its check, or a later "
-            "call, and that verify with torch since.")
+        fallbacks = CounterMetricFamily(*FALLBACKS_FAMILY)
         fallbacks.add_metric([], float(t[INDEX["verifier_fallbacks"]]))
         yield fallbacks
 

@@ -360,12 +360,13 @@ def _patch_model_runner_module(mod) -> None:
             original(self, vllm_config, *args, **kwargs)
             fly = fly_config_of(vllm_config)
             if fly is not None and hasattr(self, "rejection_sampler"):
-                from fly_vllm import metrics, parallel
+                from fly_vllm import metrics, metrics_multiproc, parallel
                 from fly_vllm.core import VerificationCore
                 from fly_vllm.runners.v1 import FlyRejectionSampler
 
                 k = self.speculative_config.num_speculative_tokens
                 metrics.set_recording(parallel.records_here())
+                metrics_multiproc.mirror_if_needed()
                 core = VerificationCore.for_model(fly, k, self.device, self.model_config)
                 self.rejection_sampler = FlyRejectionSampler(
                     self.sampler, self.speculative_config, self.device, core, _ACTIVE,
@@ -505,7 +506,7 @@ def _install_v2(runner, fly: FlyConfig) -> None:
     proposals are counted (drafter_calls, drafter_passes)."""
     from vllm.v1.worker.gpu.spec_decode.rejection_sampler import RejectionSampler
 
-    from fly_vllm import metrics, parallel
+    from fly_vllm import metrics, metrics_multiproc, parallel
     from fly_vllm.core import VerificationCore
     from fly_vllm.runners.v2 import FlyV2RejectionSampler
 
@@ -520,6 +521,7 @@ def _install_v2(runner, fly: FlyConfig) -> None:
     # records them (fly_vllm.parallel).
     sharded = getattr(runner, "batch_sharder", None) is not None
     metrics.set_recording(parallel.records_here(batch_sharded=sharded))
+    metrics_multiproc.mirror_if_needed()
     core = VerificationCore.for_model(fly, k, runner.device, runner.model_config)
     if core.wants_hidden and sharded:
         raise FlyConfigError(

