@@ -48,6 +48,7 @@ def make_sampler(strict: bool, threshold: float = 0.3, window: int = 2, fly=None
     sampler._warmup = contextvars.ContextVar("w", default=True)
     sampler._runner = lambda: runner
     sampler.hidden = sampler._rows = None
+    sampler._batch_ids, sampler._batch_rows = [], []
     if not shortcut:
         sampler.core.exact_only = lambda requests: False
     return sampler
