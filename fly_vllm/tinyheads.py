@@ -20,7 +20,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from fly_vllm.tinymodels import _CORPUS
+from fly_vllm.tinymodels import _CORPUS, MARKER, built, mark_built
 
 # The target (random weights of std 0.5) is chaotic: change one early token
 # and a third to a half of the later greedy tokens change. One EAGLE-3
@@ -404,20 +404,19 @@ def _build_head(kind: str, out_dir, target_dir, *, seed: int, aux_layer_ids, ini
                 lr: float, batch: int) -> Path:
     """Shared builder of build_tiny_eagle3 and build_tiny_eagle (see there)."""
     out, target = Path(out_dir), Path(target_dir)
-    tmarker = target / "fly_tiny.json"
+    tmarker = target / MARKER
     spec = dict(version=_HEAD_VERSION, kind=kind, target=str(target.resolve()),
                 target_spec=json.loads(tmarker.read_text()) if tmarker.exists() else None,
                 seed=seed, aux_layer_ids=None if aux_layer_ids is None else list(aux_layer_ids),
                 layers=layers, init=init, length=length, n_random=n_random,
                 train_steps=train_steps, unroll=unroll, lr=lr, batch=batch)
-    marker = out / "fly_tiny.json"
-    if marker.exists() and json.loads(marker.read_text()) == spec:
+    if built(out, spec):
         return out
     if init not in ("target", "random"):
         raise ValueError(f"init must be 'target' or 'random', not {init!r}")
     with _one_thread():
         _make_head(out, target, spec)
-    marker.write_text(json.dumps(spec))
+    mark_built(out, spec)
     return out
 
 

@@ -51,6 +51,20 @@ def _train_tokenizer(out_dir: Path, vocab_size: int) -> None:
     fast.save_pretrained(out_dir)
 
 
+MARKER = "fly_tiny.json"  # a finished build's arguments, beside its files
+
+
+def built(out: Path, spec: dict) -> bool:
+    """Whether ``out`` holds a finished build of ``spec`` (its marker)."""
+    marker = out / MARKER
+    return marker.exists() and json.loads(marker.read_text()) == spec
+
+
+def mark_built(out: Path, spec: dict) -> None:
+    """Record a finished build of ``spec`` in ``out`` (written last)."""
+    (out / MARKER).write_text(json.dumps(spec))
+
+
 def build_tiny_llama(
     out_dir: str | Path,
     *,
@@ -71,11 +85,10 @@ def build_tiny_llama(
     Returns the folder. Rebuilding an existing folder is skipped.
     """
     out = Path(out_dir)
-    marker = out / "fly_tiny.json"
     spec = dict(seed=seed, vocab_size=vocab_size, hidden_size=hidden_size,
                 num_layers=num_layers, logit_scale=logit_scale,
                 perturb=None if perturb is None else [str(perturb[0]), perturb[1]])
-    if marker.exists() and json.loads(marker.read_text()) == spec:
+    if built(out, spec):
         return out
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -113,7 +126,7 @@ def build_tiny_llama(
         # Never predict EOS, so generations always run to max_tokens.
         model.lm_head.weight[config.eos_token_id].fill_(0.0)
     model.save_pretrained(out, safe_serialization=True)
-    marker.write_text(json.dumps(spec))
+    mark_built(out, spec)
     return out
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fly_vllm.tinymodels import _train_tokenizer
+from fly_vllm.tinymodels import _train_tokenizer, built, mark_built
 
 EMBED_RMS = 0.5
 _VERSION = 1
@@ -57,10 +57,9 @@ def build_tiny_mimo(
     (no ``model``). Returns the folder; an existing build of the same
     arguments is kept."""
     out = Path(out_dir)
-    marker = out / "fly_tiny.json"
     spec = dict(kind="mimo", version=_VERSION, seed=seed, vocab_size=vocab_size,
                 hidden_size=hidden_size, mtp_noise=mtp_noise, hidden_mix=hidden_mix)
-    if marker.exists() and json.loads(marker.read_text()) == spec:
+    if built(out, spec):
         return out
     import torch
     from safetensors.torch import save_file
@@ -110,5 +109,5 @@ def build_tiny_mimo(
     config.update(architectures=["MiMoForCausalLM"], num_nextn_predict_layers=1,
                   torch_dtype="float32")
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    marker.write_text(json.dumps(spec))
+    mark_built(out, spec)
     return out

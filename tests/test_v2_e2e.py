@@ -66,9 +66,15 @@ def rules_job(target: str, near: str, head: str, record: str | None = None) -> d
     return job
 
 
-def by_group(result: dict, key: str = "token_ids") -> dict[str, list]:
+def by_group(result: dict, key: str = "token_ids", groups: dict = GROUPS) -> dict[str, list]:
     n = len(PROMPTS)
-    return {g: result[key][i * n:(i + 1) * n] for i, g in enumerate(GROUPS)}
+    return {g: result[key][i * n:(i + 1) * n] for i, g in enumerate(groups)}
+
+
+def loose_by_group(result: dict, groups: dict) -> dict[str, int]:
+    """Loose accepts of each group's requests."""
+    return {g: sum(s["loose_accepted_tokens"] for s in stats)
+            for g, stats in by_group(result, "fly_stats", groups).items()}
 
 
 @pytest.fixture(scope="module")
@@ -318,14 +324,13 @@ def eagle_runs(all_runs):
 def test_eagle3_on_v2_strict_is_vllms_and_loose_rules_accept(eagle_runs, runs):
     n = len(PROMPTS)
     r = eagle_runs["v2"]
-    got = {g: r["token_ids"][i * n:(i + 1) * n] for i, g in enumerate(EAGLE_GROUPS)}
+    got = by_group(r, groups=EAGLE_GROUPS)
     native = eagle_runs["v2_native"]["token_ids"]
     assert got["strict"] == native[:n] and got["strict_seeded"] == native[n:]
     # vLLM's own EAGLE-3 with this head keeps the target's greedy text (the
     # draft model's strict group on V1).
     assert native[:n] == by_group(runs["v1"])["strict"]
-    loose = {g: sum(s["loose_accepted_tokens"] for s in r["fly_stats"][i * n:(i + 1) * n])
-             for i, g in enumerate(EAGLE_GROUPS)}
+    loose = loose_by_group(r, EAGLE_GROUPS)
     assert loose["strict"] == loose["strict_seeded"] == 0
     assert loose["entropy"] > 0 and loose["margin"] > 0 and loose["entropy_seeded"] > 0, loose
     m = r["metrics"]
@@ -351,10 +356,8 @@ def test_eagle1_strict_is_the_targets_and_loose_rules_accept(all_runs, runs):
     target = by_group(runs["v1"])["strict"]
     for name in ("v2_eagle", "v1_eagle"):
         r = all_runs[name]
-        got = {g: r["token_ids"][i * n:(i + 1) * n] for i, g in enumerate(EAGLE_GROUPS)}
-        assert got["strict"] == target, name
-        loose = {g: sum(s["loose_accepted_tokens"] for s in r["fly_stats"][i * n:(i + 1) * n])
-                 for i, g in enumerate(EAGLE_GROUPS)}
+        assert by_group(r, groups=EAGLE_GROUPS)["strict"] == target, name
+        loose = loose_by_group(r, EAGLE_GROUPS)
         assert loose["strict"] == loose["strict_seeded"] == 0, name
         assert loose["entropy"] > 0 and loose["margin"] > 0, (name, loose)
         m = r["metrics"]  # a random head: ~0.5% (tests/test_tinyheads.py)
@@ -374,14 +377,11 @@ def test_mtp_strict_is_the_targets_and_loose_rules_accept(all_runs):
     strict greedy requests are the target's own text, the loose groups accept
     loosely, the layer drafts what the target accepts, and greedy groups
     match across runners."""
-    n = len(PROMPTS)
     target = all_runs["mtp_target"]["token_ids"]
     for name in ("v2_mtp", "v1_mtp"):
         r = all_runs[name]
-        got = {g: r["token_ids"][i * n:(i + 1) * n] for i, g in enumerate(MTP_GROUPS)}
-        assert got["strict"] == target, name
-        loose = {g: sum(s["loose_accepted_tokens"] for s in r["fly_stats"][i * n:(i + 1) * n])
-                 for i, g in enumerate(MTP_GROUPS)}
+        assert by_group(r, groups=MTP_GROUPS)["strict"] == target, name
+        loose = loose_by_group(r, MTP_GROUPS)
         assert loose["strict"] == 0 and loose["entropy"] > 0 and loose["margin"] > 0, (name, loose)
         m = r["metrics"]
         assert m["vllm:fly_native_accepted_tokens"] > 0.15 * m["vllm:fly_draft_tokens"], name
