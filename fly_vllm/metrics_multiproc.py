@@ -66,9 +66,10 @@ class Mirror:
             if grown[slot] > 0:
                 counter.inc(int(grown[slot]))
         # Positions 0 .. the last with a loose accept, as FlyCollector lists them.
-        for p in range(self.positions, m.last_position(v)):
+        last = m.last_position(v)
+        for p in range(self.positions, last):
             self.per_pos.labels(str(p))
-        self.positions = max(self.positions, m.last_position(v))
+        self.positions = max(self.positions, last)
         for p in range(self.positions):
             if grown[m.PER_POS_OFFSET + p] > 0:
                 self.per_pos.labels(str(p)).inc(int(grown[m.PER_POS_OFFSET + p]))

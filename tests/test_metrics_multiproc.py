@@ -6,23 +6,13 @@ The server end to end is tests/test_server.py (data parallel 2)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
-from tests.conftest import ROOT
-
-
-def run_python(code: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+from tests.conftest import vllm_env
+from tests.test_plugin import run_python
 
 
 def test_a_multiprocess_scrape_shows_the_collectors_counts(tmp_path):
-    import os
-
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
-           "FLY_VLLM_METRICS_DIR": str(tmp_path / "fly")}
+    env = vllm_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"),
+                   FLY_VLLM_METRICS_DIR=str(tmp_path / "fly"))
     (tmp_path / "prom").mkdir()
     (tmp_path / "fly").mkdir()
     r = run_python("""

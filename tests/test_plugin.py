@@ -23,9 +23,11 @@ def test_unsupported_versions_name_the_range(version):
         check_vllm_version(version)
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
+def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (default environment: vllm_env())."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT,
-                          env=vllm_env(), capture_output=True, text=True, timeout=300)
+                          env=vllm_env() if env is None else env, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_register_is_idempotent_and_patches_once():

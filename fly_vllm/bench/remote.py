@@ -44,27 +44,29 @@ def parse_metrics(text: str) -> dict:
     return out
 
 
+def _metrics_text(base: str) -> str | None:
+    """The server's ``/metrics`` text, or None where it has none."""
+    import requests
+
+    try:
+        r = requests.get(base.rstrip("/") + "/metrics", timeout=30)
+    except requests.RequestException:
+        return None
+    return r.text if r.status_code == 200 else None
+
+
 def settled_metrics_text(base: str, interval: float = 0.6, tries: int = 20) -> str | None:
     """``/metrics`` text once two reads ``interval`` apart agree on every
     spec-decode and FLy counter (at most ``tries`` reads), or None where the
     server has none. With several API servers fly-vllm's counters reach
     ``/metrics`` up to half a second after the step (metrics_multiproc.py),
     so a read right after the last response can miss its last steps."""
-    import requests
-
-    def read() -> str | None:
-        try:
-            r = requests.get(base.rstrip("/") + "/metrics", timeout=30)
-        except requests.RequestException:
-            return None
-        return r.text if r.status_code == 200 else None
-
-    text = read()
+    text = _metrics_text(base)
     for _ in range(tries - 1):
         if text is None:
             return None
         time.sleep(interval)
-        again = read()
+        again = _metrics_text(base)
         if again is not None and parse_metrics(again) == parse_metrics(text):
             return again
         text = again
@@ -74,17 +76,8 @@ def settled_metrics_text(base: str, interval: float = 0.6, tries: int = 20) -> s
 def fetch_metrics(base: str, settled: bool = False) -> dict | None:
     """Parsed ``/metrics`` of the server at `base`, or None where it has none;
     ``settled``: once its counters have stopped moving (settled_metrics_text)."""
-    import requests
-
-    if settled:
-        text = settled_metrics_text(base)
-        return parse_metrics(text) if text is not None else None
-
-    try:
-        r = requests.get(base.rstrip("/") + "/metrics", timeout=30)
-    except requests.RequestException:
-        return None
-    return parse_metrics(r.text) if r.status_code == 200 else None
+    text = settled_metrics_text(base) if settled else _metrics_text(base)
+    return parse_metrics(text) if text is not None else None
 
 
 def stream_chat(client, model: str, req: dict, extra_body: dict | None = None,
